@@ -1,0 +1,165 @@
+"""HyperloopConfig: every architecture field of a looped / Hyperloop transformer.
+
+Effective depth = n_begin + num_loops * n_middle + n_end; unique layers = n_begin + n_middle + n_end.
+A standard Transformer is num_loops = 1, hc = "none", injection = "passthrough".
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+HC_VARIANTS = ("dynamic", "static", "none")
+INJECTIONS = ("passthrough", "additive", "inject")
+MLP_KINDS = ("swiglu", "relu2")
+COLLAPSES = ("mean", "sum")
+
+
+class ConfigError(ValueError):
+    """A config field is unknown, missing or has a bad value (message names the field)."""
+
+
+@dataclass
+class HyperloopConfig:
+    vocab_size: int = 4096
+    d_model: int = 256
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    n_begin: int = 2
+    n_middle: int = 2
+    n_end: int = 2
+    num_loops: int = 4  # r, the trained loop count
+    # hyper-connections: "dynamic" (mHC-style), "static" (lanes), "none" (plain looped)
+    hc: str = "dynamic"
+    n_streams: int = 4  # n; must be 1 when hc == "none"
+    injection: str = "passthrough"  # only for hc == "none"
+    collapse: str = "mean"  # streams -> one: mean or sum
+    middle_norm: bool = False  # o = norm_mid(middle_block(u)) after each loop
+    loop_embedding: bool = True  # dynamic only: learned per-loop vector added to u
+    sinkhorn_iters: int = 20
+    mlp: str = "swiglu"
+    mlp_hidden: int = 768
+    qk_norm: bool = True
+    embed_norm: bool = False  # x = RMSNorm(embed(tokens))
+    logit_softcap: float = 0.0  # 0 = off, else softcap * tanh(logits / softcap)
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    rope_bf16: bool = False  # round cos/sin tables to bf16 (looped-lm-scaling does)
+    norm_eps: float = 1e-6
+    max_seq_len: int = 512
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form provenance, not architecture
+
+    # ---- derived -----------------------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    @property
+    def effective_layers(self) -> int:
+        return self.n_begin + self.num_loops * self.n_middle + self.n_end
+
+    @property
+    def unique_layers(self) -> int:
+        return self.n_begin + self.n_middle + self.n_end
+
+    def slot(self, loop: int, layer: int) -> int:
+        """KV-cache slot of middle layer `layer` in loop `loop` (begin, then loop-major middle, then end)."""
+        return self.n_begin + loop * self.n_middle + layer
+
+    # ---- validation and (de)serialisation -----------------------------------------
+    def validate(self) -> "HyperloopConfig":
+        def bad(name: str, why: str) -> ConfigError:
+            return ConfigError(f"config field '{name}' = {getattr(self, name)!r}: {why}")
+
+        for name in ("vocab_size", "d_model", "n_heads", "n_kv_heads", "num_loops", "n_streams",
+                     "mlp_hidden", "max_seq_len", "sinkhorn_iters"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise bad(name, "must be a positive integer")
+        for name in ("n_begin", "n_middle", "n_end"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise bad(name, "must be a non-negative integer")
+        if self.n_middle == 0:
+            raise bad("n_middle", "the middle block needs at least one layer")
+        if self.hc not in HC_VARIANTS:
+            raise bad("hc", f"must be one of {HC_VARIANTS}")
+        if self.injection not in INJECTIONS:
+            raise bad("injection", f"must be one of {INJECTIONS}")
+        if self.mlp not in MLP_KINDS:
+            raise bad("mlp", f"must be one of {MLP_KINDS}")
+        if self.collapse not in COLLAPSES:
+            raise bad("collapse", f"must be one of {COLLAPSES}")
+        if self.d_model % self.n_heads:
+            raise bad("n_heads", f"must divide d_model={self.d_model}")
+        if self.head_dim % 2:
+            raise bad("n_heads", "head_dim must be even for rotary embeddings")
+        if self.n_heads % self.n_kv_heads:
+            raise bad("n_kv_heads", f"must divide n_heads={self.n_heads}")
+        if self.hc == "none" and self.n_streams != 1:
+            raise bad("n_streams", "must be 1 when hc is 'none'")
+        if self.hc != "none" and self.injection != "passthrough":
+            raise bad("injection", "injection modes apply only to hc='none'")
+        for name in ("logit_softcap", "rope_theta", "norm_eps"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+                raise bad(name, "must be a finite non-negative number")
+        if self.rope_theta <= 0 or self.norm_eps <= 0:
+            raise bad("rope_theta" if self.rope_theta <= 0 else "norm_eps", "must be positive")
+        for name in ("middle_norm", "loop_embedding", "qk_norm", "embed_norm", "tie_embeddings", "rope_bf16"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(name, "must be true or false")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {"model_type": "hyperloop"}
+        d.update(dataclasses.asdict(self))
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "HyperloopConfig":
+        d = dict(d)
+        mt = d.pop("model_type", None)
+        if mt != "hyperloop":
+            raise ConfigError(f"config field 'model_type' = {mt!r}: expected 'hyperloop'")
+        d.pop("quantization_config", None)  # read by the quantize stage
+        d.pop("architectures", None)
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"config field '{unknown[0]}' is unknown (known: {', '.join(sorted(known))})")
+        return cls(**d).validate()
+
+    @classmethod
+    def from_json(cls, path) -> "HyperloopConfig":
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: expected a JSON object")
+        return cls.from_dict(d)
+
+
+PRESETS: dict[str, HyperloopConfig] = {
+    # the shipped demo model
+    "hyperloop-tiny": HyperloopConfig(),
+    # test-sized variants (one per hyper-connection variant)
+    "test-dynamic": HyperloopConfig(vocab_size=320, d_model=64, n_heads=4, n_kv_heads=2, n_begin=1,
+                                    n_middle=2, n_end=1, num_loops=3, mlp_hidden=128, max_seq_len=128),
+    "test-static": HyperloopConfig(vocab_size=320, d_model=64, n_heads=4, n_kv_heads=2, n_begin=1,
+                                   n_middle=2, n_end=1, num_loops=3, hc="static", collapse="sum",
+                                   middle_norm=True, loop_embedding=False, mlp="relu2", mlp_hidden=256,
+                                   logit_softcap=15.0, tie_embeddings=False, embed_norm=True,
+                                   rope_bf16=True, max_seq_len=128),
+    "test-none": HyperloopConfig(vocab_size=320, d_model=64, n_heads=4, n_kv_heads=4, n_begin=1,
+                                 n_middle=2, n_end=1, num_loops=3, hc="none", n_streams=1,
+                                 injection="inject", middle_norm=True, loop_embedding=False,
+                                 mlp_hidden=128, max_seq_len=128),
+    "test-standard": HyperloopConfig(vocab_size=320, d_model=64, n_heads=4, n_kv_heads=1, n_begin=1,
+                                     n_middle=2, n_end=1, num_loops=1, hc="none", n_streams=1,
+                                     loop_embedding=False, qk_norm=False, mlp_hidden=128, max_seq_len=128),
+}

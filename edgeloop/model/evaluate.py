@@ -1,0 +1,64 @@
+"""Strided perplexity and sampling with the PyTorch model (the fp32 reference for every later stage)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edgeloop.model.model import Hyperloop, KVCache
+
+
+def windows(n_tokens: int, ctx: int, stride: int) -> list[tuple[int, int, int]]:
+    """Strided evaluation windows (begin, end, first scored index): every token after the first is
+    scored exactly once, with up to ctx - stride tokens of left context."""
+    out, begin, scored = [], 0, 1
+    while scored < n_tokens:
+        end = min(begin + ctx, n_tokens)
+        out.append((begin, end, scored))
+        scored = end
+        begin = end - (ctx - stride)
+    return out
+
+
+@torch.no_grad()
+def perplexity(model: Hyperloop, ids: np.ndarray, ctx: int | None = None, stride: int | None = None,
+               num_loops: int | None = None) -> tuple[float, int]:
+    """exp(mean NLL) over `ids` with strided windows; returns (ppl, tokens scored)."""
+    ctx = ctx or model.cfg.max_seq_len
+    stride = stride or ctx // 2
+    ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64))
+    nll, count = 0.0, 0
+    for begin, end, scored in windows(len(ids_t), ctx, stride):
+        x = ids_t[begin:end].unsqueeze(0)
+        logits = model(x[:, :-1], num_loops=num_loops)[0, scored - begin - 1:]
+        target = ids_t[scored:end]
+        nll += F.cross_entropy(logits.float(), target, reduction="sum").item()
+        count += len(target)
+    return math.exp(nll / count), count
+
+
+@torch.no_grad()
+def generate(model: Hyperloop, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, seed: int = 0, num_loops: int | None = None, stop: set[int] | None = None):
+    """Yield new token ids one by one through the KV cache (greedy when temperature == 0)."""
+    g = torch.Generator().manual_seed(seed)
+    cache = KVCache(model.cfg)
+    x = torch.tensor([ids], dtype=torch.long)
+    for _ in range(max_new_tokens):
+        if cache.length + x.shape[1] > model.cfg.max_seq_len:
+            break
+        logits = model(x, num_loops=num_loops, cache=cache)[0, -1]
+        if temperature <= 0:
+            nxt = int(logits.argmax())
+        else:
+            logits = logits / temperature
+            if top_k:
+                kth = torch.topk(logits, min(top_k, logits.numel())).values[-1]
+                logits = logits.masked_fill(logits < kth, float("-inf"))
+            nxt = int(torch.multinomial(torch.softmax(logits, -1), 1, generator=g))
+        yield nxt
+        if stop and nxt in stop:
+            break
+        x = torch.tensor([[nxt]], dtype=torch.long)

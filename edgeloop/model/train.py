@@ -1,0 +1,167 @@
+"""CPU trainer: AdamW, warmup + cosine, bf16 autocast, periodic validation perplexity, resumable,
+deterministic from a seed (the batch of step s depends only on (seed, s))."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from edgeloop.io import check_output_dir
+from edgeloop.model.checkpoint import load_tokenizer, save_checkpoint
+from edgeloop.model.config import HyperloopConfig
+from edgeloop.model.data import encode, splits, train_tokenizer
+from edgeloop.model.evaluate import perplexity
+from edgeloop.model.model import Hyperloop
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 8
+    seq_len: int = 512
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup: int = 50
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    seed: int = 0
+    val_every: int = 200
+    val_tokens: int = 4096
+    save_every: int = 100
+    bf16: bool = True
+    threads: int = 0  # 0 = torch's default
+    dtype: str = "float16"  # stored dtype of the final checkpoint
+    text_files: list[str] | None = None
+    tokenizer: str | None = None  # folder with tokenizer.json; default: train one on the training text
+
+    def lr_at(self, step: int) -> float:
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        t = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def batch(tokens: np.ndarray, tc: TrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random windows of seq_len + 1 tokens, drawn from a generator seeded by (seed, step)."""
+    rng = np.random.default_rng([tc.seed, step])
+    starts = rng.integers(0, len(tokens) - tc.seq_len - 1, size=tc.batch_size)
+    w = torch.from_numpy(np.stack([tokens[s:s + tc.seq_len + 1] for s in starts]))
+    return w[:, :-1], w[:, 1:]
+
+
+def param_groups(model: Hyperloop, weight_decay: float):
+    """Decay the matrices of linears and the embedding; never norms or hyper-connection parameters."""
+    decay = {id(m.weight) for m in model.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Embedding))}
+    params = list(model.parameters())
+    return [{"params": [p for p in params if id(p) in decay], "weight_decay": weight_decay},
+            {"params": [p for p in params if id(p) not in decay], "weight_decay": 0.0}]
+
+
+def state_path(out: Path) -> Path:
+    return out.parent / f"{out.name}.train-state.pt"
+
+
+def save_state(path: Path, model, opt, step: int, log: list, cfg: HyperloopConfig, tc: TrainConfig, elapsed):
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"model": model.state_dict(), "optim": opt.state_dict(), "step": step, "elapsed": elapsed,
+                "log": json.dumps(log), "config": json.dumps(cfg.to_dict()),
+                "train": json.dumps(dataclasses.asdict(tc))}, tmp)
+    os.replace(tmp, path)
+
+
+def train(cfg: HyperloopConfig, out: str | os.PathLike, tc: TrainConfig, *, resume: bool = False,
+          overwrite: bool = False, command: str = "", progress: bool = True) -> dict:
+    """Train `cfg` and write the checkpoint folder `out` atomically; returns the training summary."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    out = check_output_dir(out, overwrite)
+    cfg.validate()
+    if tc.seq_len > cfg.max_seq_len:
+        raise ValueError(f"seq_len={tc.seq_len} is beyond the model's max_seq_len={cfg.max_seq_len}")
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    console = Console(stderr=True)
+    train_text, val_text = splits(tc.text_files)
+    tok = load_tokenizer(tc.tokenizer) if tc.tokenizer else train_tokenizer(train_text, cfg.vocab_size)
+    if tok.get_vocab_size() > cfg.vocab_size:
+        raise ValueError(f"tokenizer has {tok.get_vocab_size()} tokens, more than vocab_size={cfg.vocab_size}")
+    train_ids, val_ids = encode(tok, train_text), encode(tok, val_text)[: tc.val_tokens]
+    if len(train_ids) <= tc.seq_len + 1:
+        raise ValueError(f"the training text has {len(train_ids)} tokens, too few for seq_len={tc.seq_len}")
+
+    torch.manual_seed(tc.seed)
+    model = Hyperloop(cfg)
+    model.reset_parameters(seed=tc.seed)
+    opt = torch.optim.AdamW(param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95), eps=1e-8)
+    start, log, elapsed = 0, [], 0.0
+    sp = state_path(out)
+    if resume and sp.is_file():
+        st = torch.load(sp, weights_only=True)
+        if json.loads(st["config"]) != cfg.to_dict():
+            raise ValueError(f"{sp}: the saved training state is for another model config")
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optim"])
+        start, log, elapsed = st["step"], json.loads(st["log"]), st["elapsed"]
+        console.log(f"resumed at step {start} from {sp}")
+
+    tokens_per_step = tc.batch_size * tc.seq_len
+    columns = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+               TimeRemainingColumn()]
+    t0 = time.time() - elapsed
+    val_ppl = None
+    with Progress(*columns, console=console, disable=not progress) as bar:
+        task = bar.add_task("train", total=tc.steps, completed=start, info="")
+        for step in range(start, tc.steps):
+            model.train()
+            for g in opt.param_groups:
+                g["lr"] = tc.lr_at(step)
+            x, y = batch(train_ids, tc, step)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
+                logits = model(x)
+            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+            opt.step()
+            done = step + 1
+            tps = (done - start) * tokens_per_step / max(time.time() - t0 - elapsed, 1e-9)
+            entry = {"step": done, "loss": round(loss.item(), 4), "lr": tc.lr_at(step)}
+            if done % tc.val_every == 0 or done == tc.steps:
+                model.eval()
+                val_ppl, _ = perplexity(model, val_ids, ctx=tc.seq_len)
+                entry["val_ppl"] = round(val_ppl, 3)
+                console.log(f"step {done}: loss {loss.item():.3f}, validation perplexity {val_ppl:.2f}")
+            log.append(entry)
+            bar.update(task, completed=done, info=f"loss {loss.item():.3f}  {tps:,.0f} tok/s"
+                       + (f"  val ppl {val_ppl:.2f}" if val_ppl else ""))
+            if done % tc.save_every == 0 and done < tc.steps:
+                save_state(sp, model, opt, done, log, cfg, tc, time.time() - t0)
+
+    model.eval()
+    seconds = time.time() - t0
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[tc.dtype]
+    with torch.no_grad():  # the card reports the model as stored
+        for p in model.parameters():
+            p.copy_(p.to(dtype).float())
+    val_ppl, _ = perplexity(model, val_ids, ctx=cfg.max_seq_len)
+    summary = {"steps": tc.steps, "tokens_seen": tc.steps * tokens_per_step, "train_tokens": int(len(train_ids)),
+               "final_loss": log[-1]["loss"] if log else None, "val_ppl": round(val_ppl, 4),
+               "val_tokens": int(len(val_ids)), "seconds": round(seconds, 1), "params": model.num_parameters(),
+               "command": command, "train_config": dataclasses.asdict(tc), "torch": torch.__version__,
+               "threads": torch.get_num_threads()}
+    from edgeloop.model.card import model_card
+
+    save_checkpoint(model, out, dtype=dtype, tokenizer=tok, card=model_card(cfg, summary, out.name),
+                    overwrite=overwrite, extra_config={"extra": {**cfg.extra, "training": summary}},
+                    extra_files={"train_log.json": json.dumps(log) + "\n"})
+    sp.unlink(missing_ok=True)
+    return summary
