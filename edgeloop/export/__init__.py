@@ -1,0 +1,68 @@
+"""The export stage: a checkpoint folder -> an ONNX folder whose middle block is one Loop.
+
+    export_checkpoint(in_dir, out_dir, ExportConfig(format="matmulnbits")) -> summary
+
+Every export is parity-checked against the PyTorch model before the folder appears (verify.py).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgeloop.export.weights import FORMATS
+
+__all__ = ["FORMATS", "ExportConfig", "ExportError", "export_checkpoint"]
+
+
+class ExportError(ValueError):
+    """The export failed a check (parity, onnx.checker); nothing was written."""
+
+
+@dataclass
+class ExportConfig:
+    format: str | None = None  # None: matmulnbits for quantized checkpoints, fp32 for float ones
+    accuracy_level: int = 0  # MatMulNBits: 0 = fp32 compute, 4 = int8 activations (faster, less exact)
+    unroll: bool = False  # the control: the loop unrolled, weights still stored once
+    max_seq_len: int | None = None  # context of the export (rotary table length); default the model's
+    opset: int = 21
+    verify: bool = True
+    decode_steps: int = 16
+    tolerance: float | None = None  # max |logit error| allowed; default by format (see default_tolerance)
+
+
+def default_tolerance(fmt: str, accuracy_level: int) -> float:
+    """fp32: 1e-4; INT4 vs its dequantized reference: 1e-3; int8 activations (level 4) quantize the
+    activations too, so they are checked at 0.5 (logits are O(10))."""
+    if fmt in ("matmulnbits",) and accuracy_level >= 3:
+        return 0.5
+    return {"fp32": 1e-4, "fp16": 1e-4, "matmulnbits": 1e-3, "qdq": 1e-3}[fmt]
+
+
+def export_checkpoint(in_dir: str | Path, out_dir: str | Path, ec: ExportConfig | None = None, *,
+                      overwrite: bool = False, progress=None) -> dict:
+    from edgeloop.export.folder import write_folder
+    from edgeloop.io import atomic_dir, check_output_dir
+    from edgeloop.model.checkpoint import load_config, read_config
+
+    ec = ec or ExportConfig()
+    if ec.opset != 21:
+        raise ValueError(f"--opset {ec.opset}: edgeloop exports opset 21 (blocked int4 DequantizeLinear)")
+    t0 = time.time()
+    raw = read_config(in_dir)
+    cfg = load_config(in_dir)
+    fmt = ec.format or ("matmulnbits" if raw.get("quantization_config") else "fp32")
+    if fmt not in FORMATS:
+        raise ValueError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+    if ec.max_seq_len is not None:
+        if ec.max_seq_len < 1:
+            raise ValueError(f"--max-seq-len {ec.max_seq_len}: must be positive")
+        cfg = dataclasses.replace(cfg, max_seq_len=ec.max_seq_len)
+    check_output_dir(out_dir, overwrite)
+    ec = dataclasses.replace(ec, format=fmt)
+    with atomic_dir(out_dir, overwrite) as tmp:
+        summary = write_folder(Path(in_dir), tmp, cfg, raw, ec, progress=progress)
+        summary["seconds"] = round(time.time() - t0, 2)
+    summary["path"] = str(out_dir)
+    return summary

@@ -1,0 +1,152 @@
+"""The export folder: model.onnx (+ model.onnx.data when large), genai_config.json, an optimum-loadable
+config.json, tokenizer files and manifest.json (versions, sizes by dtype, parity figures)."""
+from __future__ import annotations
+
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from edgeloop.export.graph import build
+from edgeloop.export.verify import PROMPT, parity
+from edgeloop.export.weights import Weights
+from edgeloop.io import write_json
+from edgeloop.model.config import HyperloopConfig
+
+EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GB
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def graph_stats(model: ir.Model) -> dict:
+    """Node counts (main graph and Loop body), initializer bytes by dtype."""
+    by_dtype: Counter = Counter()
+    for v in model.graph.initializers.values():
+        by_dtype[v.const_value.dtype.name.lower()] += v.const_value.nbytes
+    ops: Counter = Counter()
+    body_ops: Counter = Counter()
+    for node in model.graph:
+        ops[node.op_type] += 1
+        if node.op_type == "Loop":
+            for n in node.attributes["body"].as_graph():
+                body_ops[n.op_type] += 1
+    return {"nodes": sum(ops.values()), "body_nodes": sum(body_ops.values()), "loop": ops["Loop"] > 0,
+            "ops": dict(ops), "body_ops": dict(body_ops), "initializer_bytes": dict(by_dtype),
+            "initializer_total_bytes": sum(by_dtype.values())}
+
+
+def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, progress=None) -> dict:
+    import onnxruntime as ort
+
+    from edgeloop.export import ExportError, default_tolerance
+
+    step = progress or (lambda msg: None)
+    step("reading weights and building the graph")
+    w = Weights(in_dir, ec.format, ec.accuracy_level)
+    try:
+        model = build(cfg, w, unroll=ec.unroll)
+    finally:
+        w.close()
+    stats = graph_stats(model)
+    step("serializing and checking")
+    path = out / "model.onnx"
+    external = stats["initializer_total_bytes"] > EXTERNAL_DATA_BYTES
+    if external:
+        ir.save(model, path, external_data="model.onnx.data")
+        onnx.checker.check_model(str(path), full_check=False)
+    else:
+        proto = ir.serde.serialize_model(model)
+        onnx.checker.check_model(proto, full_check=True)  # includes strict shape inference
+        onnx.save(proto, path)
+    manifest = {"format": ec.format, "accuracy_level": ec.accuracy_level if ec.format == "matmulnbits" else None,
+                "unroll": ec.unroll, "opset": ec.opset, "effective_layers": cfg.effective_layers,
+                "num_loops": cfg.num_loops, "max_seq_len": cfg.max_seq_len, "source": str(in_dir),
+                "external_data": external, "graph": stats, "versions": versions(),
+                "file_bytes": {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()},
+                "config": cfg.to_dict(), "quantization_config": raw.get("quantization_config")}
+    tokenizer_ok = all((in_dir / f).is_file() for f in TOKENIZER_FILES)
+    if tokenizer_ok:
+        for f in TOKENIZER_FILES:
+            shutil.copyfile(in_dir / f, out / f)
+    if ec.verify:
+        step("parity check: onnxruntime vs PyTorch")
+        from edgeloop.model.checkpoint import load_model, load_tokenizer
+
+        ref = load_model(in_dir)
+        prompt = load_tokenizer(in_dir).encode(PROMPT, add_special_tokens=False).ids if tokenizer_ok else \
+            np.random.default_rng(0).integers(0, cfg.vocab_size, 12).tolist()
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        tol = ec.tolerance if ec.tolerance is not None else default_tolerance(ec.format, ec.accuracy_level)
+        figures = parity(sess, ref, prompt, decode_steps=ec.decode_steps)
+        worst = max(f["max_abs_err"] for f in figures.values())
+        manifest["parity"] = {"tolerance": tol, "max_abs_err": worst, "by_num_loops": figures,
+                              "reference": "int4-dequantized" if raw.get("quantization_config") else "fp32"}
+        if not worst <= tol:
+            raise ExportError(f"parity check failed: max |logit error| {worst:.3g} > tolerance {tol:g} "
+                              f"(onnxruntime vs PyTorch, num_loops {', '.join(figures)})")
+    else:
+        manifest["parity"] = None
+    eos = eos_id(out) if tokenizer_ok else None
+    write_json(out / "genai_config.json", genai_config(cfg, eos))
+    write_json(out / "config.json", optimum_config(cfg, eos, raw))
+    write_json(out / "manifest.json", manifest)
+    return {k: manifest[k] for k in ("format", "unroll", "graph", "parity", "file_bytes", "effective_layers")}
+
+
+def versions() -> dict:
+    import onnxruntime
+    import torch
+
+    import edgeloop
+
+    return {"edgeloop": getattr(edgeloop, "__version__", "0"), "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__, "onnx_ir": ir.__version__, "torch": torch.__version__}
+
+
+def eos_id(folder: Path) -> int | None:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id("<|endoftext|>")
+
+
+def genai_config(cfg: HyperloopConfig, eos: int | None) -> dict:
+    """onnxruntime-genai's decoder description: one past/present pair per EFFECTIVE layer."""
+    eos = 0 if eos is None else eos
+    return {
+        "model": {
+            "bos_token_id": eos, "context_length": cfg.max_seq_len, "eos_token_id": eos, "pad_token_id": eos,
+            "type": "decoder", "vocab_size": cfg.vocab_size,
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": "model.onnx", "head_size": cfg.head_dim, "hidden_size": cfg.d_model,
+                "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+                "num_hidden_layers": cfg.effective_layers,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
+                           "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
+                   "max_length": cfg.max_seq_len, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
+                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "temperature": 1.0, "top_k": 1, "top_p": 1.0},
+    }
+
+
+def optimum_config(cfg: HyperloopConfig, eos: int | None, raw: dict) -> dict:
+    """A transformers-style config that optimum's ORTModelForCausalLM reads: it describes the KV
+    convention (a llama-shaped decoder of `effective_layers` layers); the real architecture is under
+    "edgeloop"."""
+    eos = 0 if eos is None else eos
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": cfg.d_model,
+            "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+            "head_dim": cfg.head_dim, "num_hidden_layers": cfg.effective_layers, "vocab_size": cfg.vocab_size,
+            "max_position_embeddings": cfg.max_seq_len, "intermediate_size": cfg.mlp_hidden,
+            "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "bos_token_id": eos, "eos_token_id": eos,
+            "pad_token_id": eos, "use_cache": True, "tie_word_embeddings": cfg.tie_embeddings,
+            "torch_dtype": "float32",
+            "edgeloop": {"config": cfg.to_dict(), "quantization_config": raw.get("quantization_config")}}

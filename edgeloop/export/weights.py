@@ -1,0 +1,158 @@
+"""Checkpoint tensors -> ONNX initializers, each stored ONCE however often the graph reads it.
+
+Linear y = x W^T by format:
+  fp32 / fp16   MatMul(x, W^T)                 (fp16: stored half, Cast to float at use)
+  matmulnbits   com.microsoft.MatMulNBits(x, qweight [N, K/G, G/2], scales [N*K/G], zero_points)
+  qdq           MatMul(x, DequantizeLinear(q [K, N] (u)int4, scale [K/G, N], zp, axis=0, block_size=G))
+The quantized checkpoint layout (edgeloop.quantize) is MatMulNBits' own, so matmulnbits is a reshape.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+import torch
+
+from edgeloop.export.builder import FLOAT, MS_DOMAIN, GraphBuilder
+from edgeloop.model.checkpoint import CheckpointError, open_safetensors, read_tensor
+
+FORMATS = ("fp32", "fp16", "matmulnbits", "qdq")
+
+
+def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
+    """uint8 [..., m] -> uint8 [..., 2m]: low nibble first."""
+    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), np.uint8)
+    out[..., 0::2], out[..., 1::2] = packed & 0x0F, packed >> 4
+    return out
+
+
+class Weights:
+    """Reads a (float or quantized) checkpoint folder lazily and emits initializers in `fmt`."""
+
+    def __init__(self, folder: str | Path, fmt: str, accuracy_level: int = 0):
+        if fmt not in FORMATS:
+            raise ValueError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
+        if accuracy_level not in (0, 1, 2, 3, 4):
+            raise ValueError(f"--accuracy-level {accuracy_level}: use 0 (fp32) or 4 (int8 activations)")
+        self.folder = Path(folder)
+        raw = json.loads((self.folder / "config.json").read_text())
+        self.q = raw.get("quantization_config")
+        if fmt in ("matmulnbits", "qdq") and not self.q:
+            raise ValueError(f"--format {fmt} needs a quantized checkpoint (run `edgeloop quantize` first) "
+                             f"or use --format fp32 / fp16")
+        if fmt in ("fp32", "fp16") and self.q:
+            raise ValueError(f"{self.folder} is quantized; export it with --format matmulnbits or qdq")
+        if self.q and self.q.get("bits", 4) != 4:
+            raise ValueError(f"quantization_config bits={self.q.get('bits')}: only 4-bit exports")
+        self.fmt, self.accuracy_level = fmt, accuracy_level
+        self._st = open_safetensors(self.folder / "model.safetensors")
+        self._f = self._st.__enter__()
+        self.keys = set(self._f.keys())
+        self._cache: dict[str, ir.Value] = {}
+
+    def close(self):
+        self._st.__exit__(None, None, None)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name not in self.keys:
+            raise CheckpointError(f"{self.folder / 'model.safetensors'}: tensor '{name}' is missing")
+        return read_tensor(self._f, name, self.folder / "model.safetensors")
+
+    def _once(self, g: GraphBuilder, name: str, make) -> ir.Value:
+        if name not in self._cache:
+            self._cache[name] = make()
+        return self._cache[name]
+
+    def _float(self, g: GraphBuilder, name: str, array: np.ndarray, half: bool) -> ir.Value:
+        """A float initializer; stored fp16 and Cast to float where `half` (the Cast is per use, cheap)."""
+        v = self._once(g, name, lambda: g.initializer(name, array.astype(np.float16 if half else np.float32)))
+        return g.Cast(v, to=FLOAT) if half else v
+
+    def param(self, g: GraphBuilder, name: str) -> ir.Value:
+        """Norms and hyper-connection parameters: kept in the checkpoint's dtype (fp16 -> Cast to float)."""
+        t = self.tensor(name)
+        return self._float(g, name, t.float().numpy(), t.dtype == torch.float16)
+
+    def is_quantized(self, module: str) -> bool:
+        return f"{module}.qweight" in self.keys
+
+    def linear(self, g: GraphBuilder, x: ir.Value, module: str) -> ir.Value:
+        """y = x W^T for the Linear `module` (e.g. 'middle.0.attn.c_q')."""
+        if self.is_quantized(module):
+            return self._linear_q(g, x, module)
+        w = self.tensor(f"{module}.weight")
+        half = self.fmt == "fp16" or w.dtype == torch.float16 and self.fmt != "fp32"
+        return g.MatMul(x, self._float(g, f"{module}.weight_t", w.float().t().contiguous().numpy(), half))
+
+    def _qparts(self, module: str):
+        qw = self.tensor(f"{module}.qweight").numpy()  # [N, nb, G/2]
+        scales = self.tensor(f"{module}.scales").float().numpy()  # [N, nb]
+        qz = self.tensor(f"{module}.qzeros").numpy() if f"{module}.qzeros" in self.keys else None
+        return qw, scales, qz
+
+    def _linear_q(self, g: GraphBuilder, x: ir.Value, module: str) -> ir.Value:
+        qw, scales, qz = self._qparts(module)
+        N, nb, half_g = qw.shape
+        G, K = 2 * half_g, nb * 2 * half_g
+        if self.fmt == "matmulnbits":
+            b = self._once(g, f"{module}.qweight", lambda: g.initializer(f"{module}.qweight", qw))
+            s = self._once(g, f"{module}.scales", lambda: g.initializer(f"{module}.scales", scales.reshape(-1)))
+            ins = [x, b, s]
+            if qz is not None:
+                ins.append(self._once(g, f"{module}.qzeros", lambda: g.initializer(f"{module}.qzeros", qz.reshape(-1))))
+            return g.MatMulNBits(*ins, _domain=MS_DOMAIN, K=K, N=N, bits=4, block_size=G,
+                                 accuracy_level=self.accuracy_level)
+        return g.MatMul(x, self._dq(g, module, qw, scales, qz))
+
+    def _dq(self, g: GraphBuilder, module: str, qw, scales, qz) -> ir.Value:
+        """Standard-ONNX blocked DequantizeLinear of W^T [K, N] (opset 21 int4/uint4), one node per weight
+        in the main graph (a Loop body reads its output from the outer scope)."""
+        N, nb, half_g = qw.shape
+        G, r = 2 * half_g, g.root
+
+        def make():
+            q = unpack_nibbles(qw).reshape(N, nb * G).T.copy()  # [K, N] in 0..15
+            scale = r.initializer(f"{module}.scales_t", scales.T.copy())
+            if qz is None:  # symmetric: int4 = q - 8, zero point 0
+                data = r.initializer(f"{module}.q_t", ir.tensor(q.astype(np.int8) - 8, dtype=ir.DataType.INT4))
+                return r.DequantizeLinear(data, scale, axis=0, block_size=G)
+            data = r.initializer(f"{module}.q_t", ir.tensor(q, dtype=ir.DataType.UINT4))
+            zp = unpack_nibbles(qz)[:, :nb].T.copy()  # [nb, N]
+            zero = r.initializer(f"{module}.zeros_t", ir.tensor(zp, dtype=ir.DataType.UINT4))
+            return r.DequantizeLinear(data, scale, zero, axis=0, block_size=G)
+
+        return self._once(g, f"{module}#dq", make)
+
+    # ---- embedding and head --------------------------------------------------------------
+    def embedding(self, g: GraphBuilder, ids: ir.Value) -> ir.Value:
+        if self.is_quantized("embed"):
+            qw, scales, qz = self._qparts("embed")
+            V, nb, half_g = qw.shape
+            data = self._once(g, "embed.qweight", lambda: g.initializer("embed.qweight", qw))
+            s = self._once(g, "embed.scales_2d", lambda: g.initializer("embed.scales_2d", scales))
+            ins = [g.Reshape(data, g.const([V, nb * half_g])), ids, s]
+            if qz is not None:
+                ins.append(self._once(g, "embed.qzeros", lambda: g.initializer("embed.qzeros", qz)))
+            return g.GatherBlockQuantized(*ins, _domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
+                                          block_size=2 * half_g, bits=4)
+        w = self.tensor("embed.weight")
+        return g.Gather(self._embed_table(g, w), ids, axis=0)
+
+    def _embed_table(self, g: GraphBuilder, w: torch.Tensor) -> ir.Value:
+        half = self.fmt == "fp16" or (w.dtype == torch.float16 and self.fmt != "fp32")
+        return self._float(g, "embed.weight", w.float().numpy(), half)
+
+    def lm_head(self, g: GraphBuilder, x: ir.Value) -> ir.Value:
+        """logits = x E^T (tied) or x W_head^T; a tied float table is read by Gemm(transB) so it is stored once."""
+        if "lm_head.weight" in self.keys or self.is_quantized("lm_head"):
+            return self.linear(g, x, "lm_head")
+        if self.is_quantized("embed"):
+            return self.linear(g, x, "embed")
+        w = self.tensor("embed.weight")
+        d = w.shape[1]
+        lead = g.Shape(x, start=0, end=-1)
+        y = g.Gemm(g.Reshape(x, g.const([-1, d])), self._embed_table(g, w), transB=1)
+        return g.Reshape(y, g.Concat(lead, g.const([w.shape[0]]), axis=0))
+

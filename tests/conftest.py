@@ -1,0 +1,36 @@
+"""Shared fixtures: small perturbed models of every variant and the shipped demo model."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from edgeloop.model.config import PRESETS
+from edgeloop.model.model import Hyperloop
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "models" / "hyperloop-tiny"
+VARIANTS = ["test-dynamic", "test-static", "test-none", "test-standard"]
+
+
+def perturbed(name: str, seed: int = 0, scale: float = 0.05) -> Hyperloop:
+    """A test-sized model with every parameter moved off its init (so no path hides behind an identity)."""
+    torch.manual_seed(seed)
+    m = Hyperloop(PRESETS[name])
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * scale)
+    return m.eval()
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def demo_dir() -> Path:
+    if not (DEMO / "model.safetensors").is_file():
+        pytest.fail(f"the shipped demo model is missing at {DEMO}")
+    return DEMO
