@@ -137,6 +137,47 @@ def generate(
     out.print()
 
 
+@app.command("export")
+def export_cmd(
+    in_dir: Path = typer.Argument(..., help="a checkpoint folder (quantized or float)"),
+    out_dir: Path = typer.Option(..., "-o", "--out", help="export folder to write"),
+    format: Optional[str] = typer.Option(None, "--format", help="matmulnbits (default for quantized), qdq, fp32 "
+                                         "(default for float), fp16"),
+    accuracy_level: int = typer.Option(0, help="MatMulNBits accuracy level: 0 (fp32) or 4 (int8 activations)"),
+    unroll: bool = typer.Option(False, help="unroll the loop (the control); weights still stored once"),
+    max_seq_len: Optional[int] = typer.Option(None, help="context length of the export"),
+    opset: int = typer.Option(21),
+    verify: bool = typer.Option(True, help="parity check vs PyTorch (--no-verify only for huge models)"),
+    overwrite: bool = typer.Option(False),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Export to ONNX: the middle block as ONE Loop, INT4 weights stored once, KV cache in/out."""
+    from edgeloop.export import ExportConfig, export_checkpoint
+
+    if not verify:
+        err.print("[bold yellow]warning:[/] --no-verify: the export is NOT parity-checked against PyTorch")
+    ec = ExportConfig(format=format, accuracy_level=accuracy_level, unroll=unroll, max_seq_len=max_seq_len,
+                      opset=opset, verify=verify)
+    with err.status("exporting") as status:
+        s = export_checkpoint(in_dir, out_dir, ec, overwrite=overwrite,
+                              progress=lambda msg: status.update(f"export: {msg}"))
+    if as_json:
+        out.print_json(json.dumps(s))
+        return
+    g = s["graph"]
+    t = Table(title=f"{out_dir}", show_header=False)
+    t.add_row("format", s["format"] + (" (unrolled)" if s["unroll"] else ""))
+    t.add_row("nodes", f"{g['nodes']} in the main graph, {g['body_nodes']} in the Loop body")
+    t.add_row("Loop", "yes: the middle block is one Loop" if g["loop"] else "no (unrolled)")
+    t.add_row("initializers", ", ".join(f"{k} {v:,} B" for k, v in g["initializer_bytes"].items()))
+    t.add_row("files", ", ".join(f"{k} {v:,} B" for k, v in s["file_bytes"].items()))
+    p = s["parity"]
+    t.add_row("parity", "not checked" if p is None else
+              f"max |logit error| {p['max_abs_err']:.2e} ≤ {p['tolerance']:g} vs {p['reference']} PyTorch "
+              f"(num_loops {', '.join(p['by_num_loops'])}; prefill + {ec.decode_steps} decode steps)")
+    out.print(t)
+
+
 def main() -> None:
     try:
         app()

@@ -28,6 +28,11 @@ def feeds_for(cfg, ids: np.ndarray, past: dict, num_loops: int | None, has_loop_
     return f
 
 
+def has_num_loops(session) -> bool:
+    """num_loops is an input with a default (an overridable initializer), so ORT lists it apart."""
+    return "num_loops" in {i.name for i in [*session.get_inputs(), *session.get_overridable_initializers()]}
+
+
 def presents_to_past(names: list[str], outs: list[np.ndarray]) -> dict[str, np.ndarray]:
     return {n.replace("present.", "past_key_values.", 1): o for n, o in zip(names, outs) if n.startswith("present.")}
 
@@ -37,7 +42,7 @@ def parity(session, model: Hyperloop, prompt_ids: list[int], decode_steps: int =
            loop_counts: list[int] | None = None) -> dict:
     """Max |logit error| between onnxruntime and PyTorch per loop count, prefill + decode."""
     cfg = model.cfg
-    has_loop_input = "num_loops" in {i.name for i in session.get_inputs()}
+    has_loop_input = has_num_loops(session)
     if loop_counts is None:
         loop_counts = sorted({cfg.num_loops, max(1, cfg.num_loops // 2)}, reverse=True) if has_loop_input \
             else [cfg.num_loops]

@@ -1,0 +1,140 @@
+"""fp32 exports of every variant against PyTorch; graph structure; clients (genai, optimum); bad input."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from edgeloop.export import ExportConfig, export_checkpoint
+from edgeloop.export.verify import empty_past, parity
+from edgeloop.model.checkpoint import load_model, save_checkpoint
+from edgeloop.model.data import train_tokenizer
+from tests.conftest import VARIANTS, perturbed
+
+
+def session(folder):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    return ort.InferenceSession(str(folder / "model.onnx"), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_tokenizer("In the beginning God created the heaven and the earth.\n" * 50, 300)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tok):
+    """{variant: (checkpoint dir, Loop export dir, unrolled export dir)}"""
+    out = {}
+    for name in VARIANTS:
+        root = tmp_path_factory.mktemp(name)
+        save_checkpoint(perturbed(name), root / "ck", tokenizer=tok)
+        export_checkpoint(root / "ck", root / "loop", ExportConfig())
+        export_checkpoint(root / "ck", root / "unrolled", ExportConfig(unroll=True))
+        out[name] = (root / "ck", root / "loop", root / "unrolled")
+    return out
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_fp32_matches_pytorch_for_every_loop_count(exported, name):
+    ck, loop, _ = exported[name]
+    model = load_model(ck)
+    r = model.cfg.num_loops
+    figures = parity(session(loop), model, [5, 17, 42, 7, 99, 3], decode_steps=6, loop_counts=list(range(1, r + 1)))
+    assert set(figures) == {str(L) for L in range(1, r + 1)}
+    for L, f in figures.items():
+        assert f["max_abs_err"] <= 1e-4, (name, L, f)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_loop_structure_and_weights_stored_once(exported, name):
+    ck, loop, unrolled = exported[name]
+    m = onnx.load(str(loop / "model.onnx"))
+    loops = [n for n in m.graph.node if n.op_type == "Loop"]
+    assert len(loops) == 1
+    body = loops[0].attribute[0].g
+    assert sum(n.op_type == "MatMul" for n in body.node) >= 7 * 2  # every middle linear is inside the body
+    names = [i.name for i in m.graph.initializer]
+    assert len(names) == len(set(names))
+    assert sum(n.startswith("middle.0.attn.c_q") for n in names) == 1
+    u = onnx.load(str(unrolled / "model.onnx"))
+    assert not any(n.op_type == "Loop" for n in u.graph.node)
+    assert sum(i.name.startswith("middle.0.attn.c_q") for i in u.graph.initializer) == 1
+    manifest = json.loads((loop / "manifest.json").read_text())
+    assert manifest["parity"]["max_abs_err"] <= 1e-4 and manifest["graph"]["loop"]
+    assert json.loads((loop / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"] == \
+        load_model(ck).cfg.effective_layers
+
+
+@pytest.mark.parametrize("name", ["test-dynamic", "test-none"])
+def test_unrolled_equals_loop(exported, name):
+    ck, loop, unrolled = exported[name]
+    cfg = load_model(ck).cfg
+    ids = np.array([[3, 1, 4, 1, 5, 9, 2]], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(7)[None],
+             **empty_past(cfg)}
+    a = session(loop).run(None, feeds)
+    b = session(unrolled).run(None, feeds)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=1e-5)
+
+
+def test_left_padded_batch_and_fewer_loops(exported):
+    ck, loop, _ = exported["test-static"]
+    model = load_model(ck)
+    cfg = model.cfg
+    a, b = [5, 6, 7, 8, 9, 10], [11, 12, 13]
+    ids = np.array([a, [0, 0, 0] + b], np.int64)
+    mask = np.array([[1] * 6, [0, 0, 0, 1, 1, 1]], np.int64)
+    pos = np.array([list(range(6)), [0, 0, 0, 0, 1, 2]], np.int64)
+    s = session(loop)
+    names = [o.name for o in s.get_outputs()]
+    outs = s.run(names, {"input_ids": ids, "attention_mask": mask, "position_ids": pos,
+                         "num_loops": np.array(2, np.int64), **empty_past(cfg, 2)})
+    logits = outs[0]
+    with torch.no_grad():
+        ra = model(torch.tensor([a]), num_loops=2)[0].numpy()
+        rb = model(torch.tensor([b]), num_loops=2)[0].numpy()
+    np.testing.assert_allclose(logits[0], ra, atol=1e-4)
+    np.testing.assert_allclose(logits[1, 3:], rb, atol=1e-4)
+    # loops that did not run pass their (empty) past through; the ones that ran grew by 6
+    assert outs[names.index(f"present.{cfg.slot(1, 0)}.key")].shape[2] == 6
+    assert outs[names.index(f"present.{cfg.slot(2, 0)}.key")].shape[2] == 0
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "edgeloop.cli", *map(str, args)], capture_output=True, text=True)
+
+
+def test_bad_inputs_fail_cleanly(exported, tmp_path):
+    ck, loop, _ = exported["test-dynamic"]
+    cases = [
+        ([tmp_path / "nowhere", "-o", tmp_path / "o1"], "no such checkpoint folder"),
+        ([ck, "-o", tmp_path / "o2", "--format", "int3"], "--format 'int3'"),
+        ([ck, "-o", tmp_path / "o3", "--format", "matmulnbits"], "needs a quantized checkpoint"),
+        ([ck, "-o", tmp_path / "o4", "--opset", "17"], "--opset 17"),
+        ([ck, "-o", loop], "already exists"),
+    ]
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (bad / f).write_bytes((ck / f).read_bytes())
+    (bad / "model.safetensors").write_bytes((ck / "model.safetensors").read_bytes()[:1000])
+    cases.append(([bad, "-o", tmp_path / "o5"], "corrupt or truncated"))
+    for args, msg in cases:
+        r = run_cli("export", *args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad"]
+
+
+def test_parity_failure_leaves_no_folder(exported, tmp_path):
+    ck, _, _ = exported["test-dynamic"]
+    with pytest.raises(ValueError, match="parity check failed"):
+        export_checkpoint(ck, tmp_path / "out", ExportConfig(tolerance=1e-12))
+    assert list(tmp_path.iterdir()) == []
