@@ -147,6 +147,8 @@ def export_cmd(
     unroll: bool = typer.Option(False, help="unroll the loop (the control); weights still stored once"),
     max_seq_len: Optional[int] = typer.Option(None, help="context length of the export"),
     opset: int = typer.Option(21),
+    external_data: Optional[bool] = typer.Option(None, "--external-data/--no-external-data",
+                                                 help="weights in model.onnx.data (default: only past 1.8 GB)"),
     verify: bool = typer.Option(True, help="parity check vs PyTorch (--no-verify only for huge models)"),
     overwrite: bool = typer.Option(False),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
@@ -157,7 +159,7 @@ def export_cmd(
     if not verify:
         err.print("[bold yellow]warning:[/] --no-verify: the export is NOT parity-checked against PyTorch")
     ec = ExportConfig(format=format, accuracy_level=accuracy_level, unroll=unroll, max_seq_len=max_seq_len,
-                      opset=opset, verify=verify)
+                      opset=opset, verify=verify, external_data=external_data)
     with err.status("exporting") as status:
         s = export_checkpoint(in_dir, out_dir, ec, overwrite=overwrite,
                               progress=lambda msg: status.update(f"export: {msg}"))

@@ -27,6 +27,7 @@ class ExportConfig:
     unroll: bool = False  # the control: the loop unrolled, weights still stored once
     max_seq_len: int | None = None  # context of the export (rotary table length); default the model's
     opset: int = 21
+    external_data: bool | None = None  # None: only when the graph would pass protobuf's 2 GB limit
     verify: bool = True
     decode_steps: int = 16
     tolerance: float | None = None  # max |logit error| allowed; default by format (see default_tolerance)

@@ -52,9 +52,10 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
     stats = graph_stats(model)
     step("serializing and checking")
     path = out / "model.onnx"
-    external = stats["initializer_total_bytes"] > EXTERNAL_DATA_BYTES
-    if external:
-        ir.save(model, path, external_data="model.onnx.data")
+    external = ec.external_data if ec.external_data is not None else \
+        stats["initializer_total_bytes"] > EXTERNAL_DATA_BYTES
+    if external:  # one model.onnx.data, tensors page-aligned (64 KiB past 1 MiB) so they mmap
+        ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024, alignment=65536)
         onnx.checker.check_model(str(path), full_check=False)
     else:
         proto = ir.serde.serialize_model(model)

@@ -138,3 +138,14 @@ def test_parity_failure_leaves_no_folder(exported, tmp_path):
     with pytest.raises(ValueError, match="parity check failed"):
         export_checkpoint(ck, tmp_path / "out", ExportConfig(tolerance=1e-12))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_external_data_export(exported, tmp_path):
+    ck, loop, _ = exported["test-none"]
+    s = export_checkpoint(ck, tmp_path / "ext", ExportConfig(external_data=True))
+    assert (tmp_path / "ext" / "model.onnx.data").is_file()
+    assert (tmp_path / "ext" / "model.onnx").stat().st_size < 200_000
+    assert s["parity"]["max_abs_err"] <= 1e-4
+    m = onnx.load(str(tmp_path / "ext" / "model.onnx"), load_external_data=False)
+    offsets = [int(e.value) for t in m.graph.initializer for e in t.external_data if e.key == "offset"]
+    assert offsets and all(o % 4096 == 0 for o in offsets)  # page-aligned: mmap-able
