@@ -36,7 +36,7 @@ class ExportConfig:
 def default_tolerance(fmt: str, accuracy_level: int) -> float:
     """fp32: 1e-4; INT4 vs its dequantized reference: 1e-3; int8 activations (level 4) quantize the
     activations too, so they are checked at 0.5 (logits are O(10))."""
-    if fmt in ("matmulnbits",) and accuracy_level >= 3:
+    if fmt in ("matmulnbits", "qdq") and accuracy_level >= 3:
         return 0.5
     return {"fp32": 1e-4, "fp16": 1e-4, "matmulnbits": 1e-3, "qdq": 1e-3}[fmt]
 

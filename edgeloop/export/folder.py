@@ -61,7 +61,7 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
         proto = ir.serde.serialize_model(model)
         onnx.checker.check_model(proto, full_check=True)  # includes strict shape inference
         onnx.save(proto, path)
-    manifest = {"format": ec.format, "accuracy_level": ec.accuracy_level if ec.format == "matmulnbits" else None,
+    manifest = {"format": ec.format, "accuracy_level": ec.accuracy_level if ec.format in ("matmulnbits", "qdq") else None,
                 "unroll": ec.unroll, "opset": ec.opset, "effective_layers": cfg.effective_layers,
                 "num_loops": cfg.num_loops, "max_seq_len": cfg.max_seq_len, "source": str(in_dir),
                 "external_data": external, "graph": stats, "versions": versions(),
@@ -80,6 +80,8 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
             np.random.default_rng(0).integers(0, cfg.vocab_size, 12).tolist()
         so = ort.SessionOptions()
         so.log_severity_level = 3  # num_loops is an input with a default: ORT warns about that by design
+        # ORT fuses DequantizeLinear + MatMul into MatMulNBits at accuracy level 4 unless told otherwise
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(ec.accuracy_level))
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         tol = ec.tolerance if ec.tolerance is not None else default_tolerance(ec.format, ec.accuracy_level)
         figures = parity(sess, ref, prompt, decode_steps=ec.decode_steps)

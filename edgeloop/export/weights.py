@@ -72,6 +72,9 @@ class Weights:
 
     def param(self, g: GraphBuilder, name: str) -> ir.Value:
         """Norms and hyper-connection parameters: kept in the checkpoint's dtype (fp16 -> Cast to float)."""
+        if name not in self.keys and f"{name.removesuffix('.weight')}.qweight" in self.keys:
+            raise ValueError(f"tensor '{name}' was quantized (--quantize-hc is a measurement setting); "
+                             f"export a checkpoint quantized without it")
         t = self.tensor(name)
         return self._float(g, name, t.float().numpy(), t.dtype == torch.float16)
 

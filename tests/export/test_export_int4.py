@@ -1,0 +1,136 @@
+"""INT4 exports: MatMulNBits inside the Loop body, weights once, parity with the INT4 PyTorch reference,
+QDQ == MatMulNBits, and the two real clients (onnxruntime-genai, optimum) on the demo model."""
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from edgeloop.export import ExportConfig, export_checkpoint
+from edgeloop.export.verify import empty_past, parity
+from edgeloop.model.checkpoint import load_model, load_tokenizer, save_checkpoint
+from edgeloop.model.data import train_tokenizer
+from edgeloop.model.evaluate import generate
+from edgeloop.quantize import QuantConfig, quantize_checkpoint
+from tests.conftest import perturbed
+
+QC = dict(group_size=32, calib_samples=4, calib_seq_len=32)
+
+
+def session(folder, accuracy_level=0):
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(accuracy_level))
+    return ort.InferenceSession(str(folder / "model.onnx"), so, providers=["CPUExecutionProvider"])
+
+
+@pytest.fixture(scope="module")
+def int4(tmp_path_factory):
+    """{variant: (quantized checkpoint, matmulnbits export, qdq export)}"""
+    tok = train_tokenizer("In the beginning God created the heaven and the earth.\n" * 50, 300)
+    out = {}
+    for name, sym in [("test-dynamic", False), ("test-none", True)]:
+        root = tmp_path_factory.mktemp(name)
+        save_checkpoint(perturbed(name), root / "ck", tokenizer=tok)
+        quantize_checkpoint(root / "ck", root / "q", QuantConfig(sym=sym, **QC), progress=False)
+        export_checkpoint(root / "q", root / "nbits", ExportConfig())
+        export_checkpoint(root / "q", root / "qdq", ExportConfig(format="qdq"))
+        out[name] = (root / "q", root / "nbits", root / "qdq")
+    return out
+
+
+@pytest.mark.parametrize("name", ["test-dynamic", "test-none"])
+def test_loop_body_holds_matmulnbits_and_weights_once(int4, name):
+    q, nbits, _ = int4[name]
+    m = onnx.load(str(nbits / "model.onnx"))
+    (loop,) = [n for n in m.graph.node if n.op_type == "Loop"]
+    body_ops = [n.op_type for n in loop.attribute[0].g.node]
+    cfg = load_model(q).cfg
+    # q k v o + fc gate proj of every middle layer, and the inject projection when there is one
+    assert body_ops.count("MatMulNBits") == cfg.n_middle * 7 + (cfg.injection == "inject")
+    # the remaining MatMuls are attention and hyper-connection math, never a float copy of a linear weight
+    assert not [i for n in loop.attribute[0].g.node if n.op_type == "MatMul" for i in n.input if "weight" in i]
+    names = [i.name for i in m.graph.initializer]
+    assert names.count("middle.0.attn.c_q.qweight") == 1 and not any(n.startswith("middle.0.attn.c_q.weight") for n in names)
+    assert m.graph.initializer[names.index("middle.0.attn.c_q.qweight")].data_type == onnx.TensorProto.UINT8
+
+
+@pytest.mark.parametrize("name", ["test-dynamic", "test-none"])
+def test_int4_matches_int4_reference_for_every_loop_count(int4, name):
+    q, nbits, qdq = int4[name]
+    model = load_model(q)
+    r = model.cfg.num_loops
+    for folder in (nbits, qdq):
+        figures = parity(session(folder), model, [4, 8, 15, 16, 23, 42], decode_steps=5,
+                         loop_counts=list(range(1, r + 1)))
+        assert max(f["max_abs_err"] for f in figures.values()) <= 1e-3, (folder.name, figures)
+
+
+def test_qdq_and_matmulnbits_agree(int4):
+    q, nbits, qdq = int4["test-dynamic"]
+    cfg = load_model(q).cfg
+    ids = np.array([[1, 2, 3, 4, 5, 6, 7, 8]], np.int64)
+    feeds = {"input_ids": ids, "attention_mask": np.ones_like(ids), "position_ids": np.arange(8)[None],
+             **empty_past(cfg)}
+    a, b = session(nbits).run(None, feeds), session(qdq).run(None, feeds)
+    for x, y in zip(a, b):
+        np.testing.assert_allclose(x, y, atol=1e-4)
+    qm = onnx.load(str(qdq / "model.onnx"))
+    dq = [n for n in qm.graph.node if n.op_type == "DequantizeLinear"]
+    assert dq and all(a.name != "block_size" or a.i == 32 for n in dq for a in n.attribute)
+    assert not any(n.domain == "com.microsoft" for n in qm.graph.node)  # portable: standard ops only
+
+
+def test_quantized_hc_is_refused(tmp_path):
+    tok = train_tokenizer("And God said, Let there be light: and there was light.\n" * 40, 300)
+    save_checkpoint(perturbed("test-dynamic"), tmp_path / "ck", tokenizer=tok)
+    quantize_checkpoint(tmp_path / "ck", tmp_path / "q", QuantConfig(quantize_hc=True, **QC), progress=False)
+    with pytest.raises(ValueError, match="--quantize-hc"):
+        export_checkpoint(tmp_path / "q", tmp_path / "out", ExportConfig())
+    assert not (tmp_path / "out").exists()
+
+
+# ---- the two real clients, on the trained demo model -----------------------------------------
+@pytest.fixture(scope="module")
+def demo_int4(demo_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    quantize_checkpoint(demo_dir, root / "q", QuantConfig(calib_samples=4, calib_seq_len=64), progress=False)
+    export_checkpoint(root / "q", root / "onnx", ExportConfig())
+    return root / "q", root / "onnx"
+
+
+def reference_tokens(q, prompt, n):
+    tok = load_tokenizer(q)
+    ids = tok.encode(prompt, add_special_tokens=False).ids
+    return ids, list(generate(load_model(q), ids, n))
+
+
+def test_onnxruntime_genai_generates_the_same_tokens(demo_int4):
+    og = pytest.importorskip("onnxruntime_genai", reason="install onnxruntime-genai (the test extra has it)")
+    q, onnx_dir = demo_int4
+    ids, ref = reference_tokens(q, "And the LORD spake unto Moses, saying", 20)
+    model = og.Model(str(onnx_dir))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 20, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array(ids, np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    assert [int(t) for t in gen.get_sequence(0)][len(ids):] == ref
+    assert len(set(ref)) > 3  # a real continuation, not one repeated token
+    assert list(og.Tokenizer(model).encode("And the LORD")) == load_tokenizer(q).encode("And the LORD").ids
+
+
+def test_optimum_generates_the_same_tokens(demo_int4):
+    pytest.importorskip("optimum.onnxruntime", reason="install optimum-onnx (the test extra has it)")
+    from optimum.onnxruntime import ORTModelForCausalLM
+
+    q, onnx_dir = demo_int4
+    ids, ref = reference_tokens(q, "In the beginning", 20)
+    m = ORTModelForCausalLM.from_pretrained(onnx_dir, use_cache=True, use_io_binding=False)
+    out = m.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                     max_new_tokens=20, do_sample=False)
+    assert out[0, len(ids):].tolist() == ref
+    assert json.loads((onnx_dir / "config.json").read_text())["num_hidden_layers"] == load_model(q).cfg.effective_layers
