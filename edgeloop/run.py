@@ -1,0 +1,141 @@
+"""`edgeloop run`: the main job, every stage in order with sensible defaults, ending in one report.
+
+    CKPT --quantize--> OUT/int4 --export--> OUT/onnx-int4   (INT4, the middle block one Loop)
+    CKPT --export----> OUT/onnx-fp32                         (the fp32 export: ratios and a parity control)
+    eval:  perplexity drift of each export vs the fp32 PyTorch reference on the same tokens
+    bench: footprint + latency of both exports (fresh subprocesses), num_loops sweep of the INT4 one
+    OUT/report.json, OUT/report.md, OUT/sweep.png
+
+Each stage writes its folder atomically; the report comes last.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+from edgeloop.io import atomic_write_text, check_output_dir
+
+
+@dataclass
+class RunConfig:
+    method: str = "gptq"
+    group_size: int = 128
+    sym: bool = False
+    format: str = "matmulnbits"
+    accuracy_level: int = 0
+    ep: str = "cpu"
+    eval_tokens: int = 8192
+    decode_tokens: int = 256
+    prefill_tokens: int = 128
+    sweep: bool = True
+    threads: int = 0
+
+
+def run(ckpt: str | Path, out: str | Path, rc: RunConfig, *, overwrite: bool = False,
+        step: Callable[[str], None] = lambda msg: None) -> dict:
+    from edgeloop.export import ExportConfig, export_checkpoint
+    from edgeloop.model.checkpoint import load_config, read_config
+    from edgeloop.quantize import QuantConfig, quantize_checkpoint
+    from edgeloop.runtime import Runtime
+    from edgeloop.runtime.drift import evaluate_drift, evaluation_ids
+    from edgeloop.runtime.measure import footprint, plot_sweep, ratios, sweep
+    from edgeloop.runtime.session import provider_names
+
+    ckpt, out = Path(ckpt), Path(out)
+    t0 = time.time()
+    load_config(ckpt)  # a bad checkpoint fails here, before anything is written
+    if read_config(ckpt).get("quantization_config"):
+        raise ValueError(f"{ckpt} is already quantized: `edgeloop run` starts from a float checkpoint")
+    provider_names(rc.ep)  # an unavailable provider fails before the long stages
+    check_output_dir(out, overwrite)
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    timings: dict[str, float] = {}
+
+    def stage(name: str, fn):
+        step(name)
+        t = time.time()
+        result = fn()
+        timings[name] = round(time.time() - t, 2)
+        return result
+
+    qc = QuantConfig(algorithm=rc.method, group_size=rc.group_size, sym=rc.sym)
+    quant = stage("quantize", lambda: quantize_checkpoint(ckpt, out / "int4", qc, progress=False))
+    exp_int4 = stage("export INT4", lambda: export_checkpoint(
+        out / "int4", out / "onnx-int4", ExportConfig(format=rc.format, accuracy_level=rc.accuracy_level)))
+    exp_fp32 = stage("export fp32", lambda: export_checkpoint(ckpt, out / "onnx-fp32", ExportConfig(format="fp32")))
+    drift = stage("eval INT4", lambda: evaluate_drift(out / "onnx-int4", ckpt, rc.ep, rc.eval_tokens,
+                                                      threads=rc.threads))
+    drift_fp32 = stage("eval fp32", lambda: evaluate_drift(out / "onnx-fp32", ckpt, rc.ep, rc.eval_tokens,
+                                                           threads=rc.threads))
+    bench = {name: stage(f"bench {name}", lambda name=name: footprint(
+        out / f"onnx-{name}", rc.ep, rc.threads, rc.prefill_tokens, rc.decode_tokens)) for name in ("int4", "fp32")}
+    rows = []
+    if rc.sweep:
+        def do_sweep():
+            rt = Runtime(out / "onnx-int4", ep=rc.ep, threads=rc.threads)
+            ids = evaluation_ids(out / "onnx-int4", None, min(rc.eval_tokens, 4096))
+            return sweep(rt, ids, decode_tokens=64)
+        rows = stage("sweep num_loops", do_sweep)
+        plot_sweep(rows, out / "sweep.png", f"{ckpt.name} INT4: elastic depth")
+    report = {"checkpoint": str(ckpt), "out": str(out), "config": asdict(rc), "seconds": round(time.time() - t0, 1),
+              "timings_s": timings, "quantize": _slim(quant), "export": {"int4": exp_int4, "fp32": exp_fp32},
+              "eval": {"int4": drift, "fp32": drift_fp32}, "bench": bench,
+              "int4_over_fp32": ratios(bench["int4"], bench["fp32"]), "sweep": rows}
+    atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    atomic_write_text(out / "report.md", report_md(report))
+    return report
+
+
+def _slim(q: dict) -> dict:
+    return {k: v for k, v in q.items() if k != "tensors"} if isinstance(q, dict) else q
+
+
+def _mb(b: float) -> str:
+    return f"{b / 1e6:.2f} MB"
+
+
+def headline(r: dict) -> list[tuple[str, str]]:
+    """The report's rows: (what, value)."""
+    d, b, x = r["eval"]["int4"], r["bench"], r["int4_over_fp32"]
+    p = r["export"]["int4"]["parity"]
+    rows = [("quantize", f"{r['config']['method']} INT4, group {r['config']['group_size']}, "
+                         f"{'sym' if r['config']['sym'] else 'asym'}"),
+            ("export", f"{r['export']['int4']['format']}, Loop = {r['export']['int4']['graph']['loop']}, "
+                       f"parity {p['max_abs_err']:.1e} (tol {p['tolerance']:g})"),
+            ("perplexity (INT4 / fp32 ref)", f"{d['ppl']:.3f} / {d['reference_ppl']:.3f} on {d['tokens']:,} tokens"),
+            ("drift INT4", f"{d['drift_pct']:+.2f} %"),
+            ("drift fp32 export", f"{r['eval']['fp32']['drift_pct']:+.4f} %"),
+            ("file", f"{_mb(b['int4']['file_bytes'])} vs {_mb(b['fp32']['file_bytes'])} fp32 "
+                     f"({x.get('file_bytes', 0):.3f}×)"),
+            ("peak RSS", f"{_mb(b['int4']['peak_rss_bytes'])} vs {_mb(b['fp32']['peak_rss_bytes'])} "
+                         f"({x.get('peak_rss_bytes', 0):.3f}×)"),
+            ("steady RSS (decode)", f"{_mb(b['int4']['steady_rss_bytes'])} vs {_mb(b['fp32']['steady_rss_bytes'])}"),
+            ("KV cache", f"{b['int4']['kv_bytes_per_token']:,} B/token, "
+                         f"{_mb(b['int4']['kv_bytes_at_context'])} at {b['int4']['kv_context']} tokens"),
+            ("prefill", f"{b['int4']['prefill_ms']:.1f} ms vs {b['fp32']['prefill_ms']:.1f} ms fp32 "
+                        f"({r['config']['prefill_tokens']} tokens)"),
+            ("decode", f"{b['int4']['decode_tokens_per_s']:.1f} tok/s vs {b['fp32']['decode_tokens_per_s']:.1f} "
+                       f"fp32 ({x.get('decode_tokens_per_s', 0):.2f}×)")]
+    return rows
+
+
+def report_md(r: dict) -> str:
+    lines = [f"# edgeloop report: {Path(r['checkpoint']).name}", "",
+             f"`edgeloop run {r['checkpoint']} -o {r['out']}` on `{r['config']['ep']}` in {r['seconds']:.0f} s.", "",
+             "| | |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in headline(r)]
+    if r["sweep"]:
+        lines += ["", "## Elastic depth (INT4, num_loops = 1..r)", "",
+                  "| num_loops | effective layers | perplexity | decode tok/s | KV bytes/token |", "|---|---|---|---|---|"]
+        lines += [f"| {s['num_loops']} | {s['effective_layers']} | {s['ppl']:.3f} | {s['decode_tokens_per_s']:.1f} | "
+                  f"{s['kv_bytes_per_token']:,} |" for s in r["sweep"]]
+        lines += ["", "![sweep](sweep.png)"]
+    lines += ["", "Folders: `int4/` (quantized checkpoint), `onnx-int4/` (INT4 export), `onnx-fp32/` (fp32 export).",
+              "Full figures: `report.json`.", ""]
+    return "\n".join(lines)
