@@ -248,16 +248,29 @@ def loop(g: GraphBuilder, w: Weights, cfg: HyperloopConfig, num_loops, state, e,
     body = b.graph([it, cond, s_in], body_outs, "middle_block")
     outs = g.Loop(num_loops, g.const(True, np.bool_), state, body=body, _outputs=1 + 2 * nm)
     final, scans = outs[0], outs[1:]
-    presents = {}
-    for l in range(r):
-        is_run = g.Less(g.const(l), num_loops)
-        for j in range(nm):
-            kv = []
-            for c, kind in enumerate(("key", "value")):
-                then_b, else_b = g.sub(f"then{l}_{j}_{kind}/"), g.sub(f"else{l}_{j}_{kind}/")
-                t_out = typed(then_b.Gather(scans[2 * j + c], then_b.const(l), axis=0), FLOAT, kv_shape)
-                e_out = typed(else_b.Identity(past[cfg.slot(l, j)][c]), FLOAT, kv_shape)
-                kv.append(g.If(is_run, then_branch=then_b.graph([], [t_out], "run"),
-                               else_branch=else_b.graph([], [e_out], "skipped")))
-            presents[cfg.slot(l, j)] = tuple(kv)
-    return final, presents
+    # split the scan outputs back into present.{slot}: one If picks the common all-loops-run path
+    # (a Split per scan output); only when num_loops < r does a slot choose between its scan row and its past
+    slots = [(l, j, c) for l in range(r) for j in range(nm) for c in range(2)]
+    all_b, some_b = g.sub("all_loops/"), g.sub("some_loops/")
+    rows = {}
+    for j in range(nm):
+        for c in range(2):
+            parts = all_b.Split(scans[2 * j + c], axis=0, num_outputs=r, _outputs=r) if r > 1 else [scans[2 * j + c]]
+            for l, part in enumerate(parts):
+                rows[l, j, c] = all_b.Squeeze(part, all_b.const([0]))
+    all_outs = [typed(all_b.Identity(rows[k]), FLOAT, kv_shape) for k in slots]
+    some_outs = []
+    for l, j, c in slots:
+        then_b, else_b = some_b.sub(f"ran{l}_{j}_{c}/"), some_b.sub(f"skipped{l}_{j}_{c}/")
+        t_out = typed(then_b.Gather(scans[2 * j + c], then_b.const(l), axis=0), FLOAT, kv_shape)
+        e_out = typed(else_b.Identity(past[cfg.slot(l, j)][c]), FLOAT, kv_shape)
+        some_outs.append(typed(some_b.If(some_b.Less(some_b.const(l), num_loops),
+                                         then_branch=then_b.graph([], [t_out], "ran"),
+                                         else_branch=else_b.graph([], [e_out], "skipped")), FLOAT, kv_shape))
+    outs = g.If(g.Equal(num_loops, g.const(r)), then_branch=all_b.graph([], all_outs, "all_loops"),
+                else_branch=some_b.graph([], some_outs, "some_loops"), _outputs=len(slots))
+    outs = [outs] if len(slots) == 1 else outs
+    presents: dict[int, list] = {}
+    for (l, j, c), v in zip(slots, outs):
+        presents.setdefault(cfg.slot(l, j), [None, None])[c] = v
+    return final, {k: tuple(v) for k, v in presents.items()}
