@@ -33,6 +33,8 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     try:
         yield tmp
         os.chmod(tmp, 0o755)
+        for f in tmp.rglob("*"):  # some writers (safetensors) create 0600 files
+            os.chmod(f, 0o755 if f.is_dir() else 0o644)
         old = None
         if out.exists():
             old = out.parent / f".{out.name}.old-{os.getpid()}"
