@@ -1,0 +1,167 @@
+"""QuantConfig: the settings of the INT4 quantize stage, their validation, and the per-tensor policy.
+
+Policy (which stored tensor becomes INT4, and why the others are kept):
+    linear     begin/middle/end attn.c_q/c_k/c_v/c_proj, mlp.c_fc/c_gate/c_proj, inject   -> INT4 always
+    embedding  embed.weight [V, d]                      -> INT4 iff quantize_embedding (also the tied lm_head)
+    lm_head    lm_head.weight [V, d] (untied only)      -> INT4 iff quantize_lm_head
+    hc         hc.w_pre / w_post / w_res [r, n*d, *], loop_embed [r, d] -> INT4 iff quantize_hc;
+               the hc scalars and vectors (a_*, b_*, lanes) are always kept (too small to group)
+    norm       every RMSNorm weight                     -> always kept
+Kept tensors are stored in keep_dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from edgeloop.model.config import HyperloopConfig
+from edgeloop.model.inspect import tensor_role
+
+QUANT_METHOD = "edgeloop-int4"
+FORMAT = "int4-blocked-kpacked"
+GROUP_SIZES = (16, 32, 64, 128, 256)
+ALGORITHMS = ("rtn", "gptq")
+SCALE_DTYPES = ("float16", "float32")
+KEEP_DTYPES = ("float32", "float16")
+HC_MATRICES = ("hc.w_pre", "hc.w_post", "hc.w_res")
+
+
+class QuantizeError(ValueError):
+    """A bad setting or input for the quantize stage (one line, names the field, tensor or number)."""
+
+
+@dataclass
+class QuantConfig:
+    """Settings of `quantize_` / `quantize_checkpoint` (torchao style: a config and one verb)."""
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    algorithm: str = "rtn"  # "rtn" | "gptq"
+    scale_dtype: str = "float16"
+    keep_dtype: str = "float32"  # dtype of tensors kept unquantized
+    quantize_embedding: bool = False  # default defended by measurement: benchmarks/bench_quantize.py
+    quantize_lm_head: bool = False
+    quantize_hc: bool = False  # only to measure what keeping hyper-connections buys
+    calib_text: str | None = None  # UTF-8 file; None = the demo corpus training split
+    calib_samples: int = 128
+    calib_seq_len: int = 256
+    seed: int = 0
+    act_order: bool = False
+
+    def validate(self) -> "QuantConfig":
+        if self.bits != 4:
+            raise QuantizeError(f"bits={self.bits} is not supported (edgeloop quantizes to 4 bits only)")
+        if self.group_size not in GROUP_SIZES:
+            raise QuantizeError(f"group_size={self.group_size} must be one of {GROUP_SIZES}")
+        if self.algorithm not in ALGORITHMS:
+            raise QuantizeError(f"algorithm={self.algorithm!r} must be one of {ALGORITHMS}")
+        if self.scale_dtype not in SCALE_DTYPES:
+            raise QuantizeError(f"scale_dtype={self.scale_dtype!r} must be one of {SCALE_DTYPES}")
+        if self.keep_dtype not in KEEP_DTYPES:
+            raise QuantizeError(f"keep_dtype={self.keep_dtype!r} must be one of {KEEP_DTYPES}")
+        for name in ("calib_samples", "calib_seq_len"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise QuantizeError(f"{name}={v!r} must be a positive integer")
+        if self.calib_seq_len < 2:
+            raise QuantizeError(f"calib_seq_len={self.calib_seq_len} must be at least 2")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def prefix(name: str) -> str:
+    """State-dict prefix of a quantized tensor: 'middle.0.attn.c_q.weight' -> 'middle.0.attn.c_q'."""
+    return name[:-len(".weight")] if name.endswith(".weight") else name
+
+
+def quant_k(name: str, shape: tuple[int, ...]) -> int:
+    """K (the grouped input axis) of a quantizable tensor: Linear/embedding [N, K], hc matrix [r, K, N]."""
+    return shape[1] if name in HC_MATRICES else shape[-1]
+
+
+def tensor_policy(name: str, shape: tuple[int, ...], cfg: HyperloopConfig, q: QuantConfig) -> tuple[bool, str]:
+    """(quantize?, why) for one stored float tensor of a checkpoint of `cfg` under settings `q`."""
+    role = tensor_role(name)
+    if role == "linear":
+        return True, f"linear, INT4 {q.algorithm}"
+    if role == "norm":
+        return False, "norm weight (never INT4)"
+    if role == "embedding":
+        tied = " and tied lm_head" if cfg.tie_embeddings else ""
+        if q.quantize_embedding:
+            return True, f"embedding{tied}, INT4 rtn (--quantize-embedding)"
+        return False, f"embedding{tied} kept (default; --quantize-embedding to change)"
+    if role == "lm_head":
+        if q.quantize_lm_head:
+            return True, f"lm_head, INT4 {q.algorithm} (--quantize-lm-head)"
+        return False, "lm_head kept (default; --quantize-lm-head to change)"
+    # hyper-connection parameters
+    if name in HC_MATRICES or name == "loop_embed":
+        if q.quantize_hc:
+            return True, "hyper-connection matrix, INT4 rtn (--quantize-hc)"
+        return False, "hyper-connection parameter (never INT4 by default)"
+    return False, "hyper-connection scalar/vector (always kept: too small to group)"
+
+
+def check_group(name: str, shape: tuple[int, ...], group_size: int) -> None:
+    """Refuse K % G != 0 (edgeloop does not pad: MatMulNBits blocks must tile K exactly)."""
+    k = quant_k(name, shape)
+    if k % group_size:
+        raise QuantizeError(f"tensor '{name}': K={k} is not divisible by group size G={group_size} "
+                            f"(pick a group size that divides {k}; edgeloop does not pad)")
+
+
+def plan(shapes: dict[str, tuple[int, ...]], cfg: HyperloopConfig, q: QuantConfig
+         ) -> tuple[dict[str, str], dict[str, str]]:
+    """(quantized name -> why, kept name -> why) for stored tensors name -> shape; refuses K % G != 0."""
+    quant, kept = {}, {}
+    for name, shape in shapes.items():
+        yes, why = tensor_policy(name, shape, cfg, q)
+        if yes:
+            check_group(name, shape, q.group_size)
+            quant[name] = why
+        else:
+            kept[name] = why
+    return quant, kept
+
+
+def quantization_config(q: QuantConfig, quantized: list[str], kept: list[str], calibration: dict | None,
+                        source: dict | None = None) -> dict[str, Any]:
+    """The `quantization_config` entry of config.json (GPTQ/AWQ-style keys plus the edgeloop layout)."""
+    return {
+        "quant_method": QUANT_METHOD,
+        "format": FORMAT,
+        "bits": q.bits,
+        "group_size": q.group_size,
+        "sym": q.sym,
+        "zero_point": "implicit 8" if q.sym else "packed uint4 (qzeros)",
+        "algorithm": q.algorithm,
+        "act_order": q.act_order if q.algorithm == "gptq" else False,
+        "damp_percent": 0.01 if q.algorithm == "gptq" else None,
+        "scale_dtype": q.scale_dtype,
+        "keep_dtype": q.keep_dtype,
+        "quantize_embedding": q.quantize_embedding,
+        "quantize_lm_head": q.quantize_lm_head,
+        "quantize_hc": q.quantize_hc,
+        "modules_to_convert": sorted(prefix(n) for n in quantized),
+        "modules_not_converted": sorted(prefix(n) for n in kept),
+        "calibration": calibration,
+        "source": source,
+    }
+
+
+def describe(name: str, shape: tuple[int, ...], cfg: HyperloopConfig, qc: dict | None) -> str:
+    """The INT4 policy of one stored tensor as `edgeloop inspect` shows it: for a quantized folder (qc =
+    its quantization_config) what was done, for a float one what the default settings would do."""
+    for part in ("qweight", "scales", "qzeros"):
+        if name.endswith("." + part):
+            return f"INT4 {part} (G={qc['group_size'] if qc else '?'})"
+    fields = {f.name for f in dataclasses.fields(QuantConfig)}
+    q = QuantConfig(**{k: v for k, v in (qc or {}).items() if k in fields and k not in ("calibration",)})
+    yes, why = tensor_policy(name, shape, cfg, q)
+    if qc is None:
+        return ("INT4 by default: " if yes else "kept by default: ") + why
+    return f"kept {qc.get('keep_dtype', '?')}: {why}"

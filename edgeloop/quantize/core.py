@@ -1,0 +1,224 @@
+"""`quantize_(model, cfg)`: INT4 in place on a Hyperloop model, RTN or loop-aware sequential GPTQ.
+
+Order (each step sees the already-quantized earlier ones, as in the GPTQ paper):
+    embedding (rtn, if quantize_embedding) and hc matrices (rtn, if quantize_hc)
+    begin layers -> inject -> middle layers -> end layers -> lm_head (if quantize_lm_head, untied)
+Within a block: q/k/v together (one shared Hessian), attn out, fc/gate together, mlp down.
+GPTQ, per block: the calibration windows run through the partially quantized model once, and a pre-hook
+records every call's input of the block (r calls per window for a middle block: one per loop; the
+forward stops at the last one). Then per group, only the block is re-run on those inputs and a pre-hook
+on the group's first Linear feeds each call into the Hessian, so a shared middle weight accumulates all
+r loop iterations (n = r x tokens) and later groups see the already-quantized earlier ones. The middle
+block's loop-l inputs are those of the model quantized up to the block (the block itself and the later
+middle layers are still float there: with shared weights no order can quantize them "before" loop l).
+"""
+from __future__ import annotations
+
+import hashlib
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from edgeloop.model.model import Hyperloop
+from edgeloop.quantize.config import HC_MATRICES, QuantConfig, QuantizeError, plan
+from edgeloop.quantize.gptq import GPTQ
+from edgeloop.quantize.modules import (QuantEmbedding, QuantLinear, linear_targets, sequential_groups,
+                                       set_module)
+from edgeloop.quantize.packing import dequantize, encode, rtn
+
+CALIB_BATCH = 8  # calibration sequences per forward (bounds activation memory)
+Progress = Callable[[str, int], None]  # (description, tensors done in this step)
+
+
+class _Stop(Exception):
+    """Raised by a calibration hook once its group has seen every call of this forward."""
+
+
+def calibration_ids(tokenizer, cfg: QuantConfig, max_seq_len: int) -> tuple[torch.Tensor, dict]:
+    """[calib_samples, calib_seq_len] token windows: the text cut into windows of calib_seq_len tokens,
+    calib_samples of them drawn without replacement (numpy seed = cfg.seed), kept in text order."""
+    from edgeloop.model.data import corpus_split, encode as encode_text, read_text
+
+    S, T = cfg.calib_samples, cfg.calib_seq_len
+    if T > max_seq_len:
+        raise QuantizeError(f"calib_seq_len={T} is longer than the model's max_seq_len={max_seq_len}")
+    if cfg.calib_text:
+        text, source = read_text(cfg.calib_text), Path(cfg.calib_text).name
+    else:
+        text, source = corpus_split("train"), "kjv train split (edgeloop.model.data.corpus_split)"
+    ids = encode_text(tokenizer, text)
+    n_windows = len(ids) // T
+    if n_windows < S:
+        raise QuantizeError(f"calibration text has {len(ids):,} tokens; {S} samples x {T} tokens need "
+                            f"{S * T:,} (give a longer --calib-text or fewer --calib-samples)")
+    pick = np.sort(np.random.default_rng(cfg.seed).choice(n_windows, S, replace=False))
+    windows = np.stack([ids[i * T:(i + 1) * T] for i in pick])
+    info = {"text": source, "text_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+            "text_tokens": int(len(ids)), "samples": S, "seq_len": T, "tokens": S * T, "seed": cfg.seed}
+    return torch.as_tensor(windows, dtype=torch.long), info
+
+
+def _rtn(w: torch.Tensor, cfg: QuantConfig) -> tuple:
+    return rtn(w, cfg.group_size, cfg.sym, cfg.scale_dtype)
+
+
+def _replace_linear(model: Hyperloop, name: str, packed: tuple, cfg: QuantConfig) -> None:
+    mod = QuantLinear(*packed, cfg.group_size, cfg.sym)
+    if cfg.algorithm == "gptq":
+        mod.cache(True)  # calibration calls it many times; dropped at the end
+    set_module(model, name, mod)
+
+
+def _label(group: list[str]) -> str:
+    return group[0].rsplit(".", 1)[0] if len(group) > 1 else group[0]
+
+
+def quantize_hc_params(model: Hyperloop, cfg: QuantConfig) -> list[str]:
+    """RTN the hc matrices [r, K, N] (per loop as W_l = w[l]^T [N, K]) and loop_embed [r, d]; the packed
+    tensors go to model.int4_params, the dequantized values into the parameters."""
+    done = []
+    for name in (*HC_MATRICES, "loop_embed"):
+        try:
+            p = model.get_parameter(name)
+        except AttributeError:
+            continue
+        w = p.detach().float()
+        w = w.transpose(-1, -2) if name in HC_MATRICES else w
+        packed = rtn(w, cfg.group_size, cfg.sym, cfg.scale_dtype)
+        deq = dequantize(*packed, cfg.group_size, cfg.sym)
+        p.data.copy_(deq.transpose(-1, -2) if name in HC_MATRICES else deq)
+        model.int4_params[name] = packed
+        done.append(name)
+    return done
+
+
+def _run_calibration(model: Hyperloop, calib_ids: torch.Tensor) -> None:
+    """The calibration windows through the model in batches; a hook ends a batch early with _Stop."""
+    for b in range(0, calib_ids.shape[0], CALIB_BATCH):
+        try:
+            model(calib_ids[b:b + CALIB_BATCH])
+        except _Stop:
+            pass
+
+
+def _hooked(module: torch.nn.Module, fn: Callable, calls: int):
+    """A forward pre-hook calling fn(args) on each call and raising _Stop after `calls` calls (then resetting)."""
+    seen = [0]
+
+    def hook(_mod, args):
+        fn(args)
+        seen[0] += 1
+        if seen[0] == calls:
+            seen[0] = 0
+            raise _Stop
+
+    return module.register_forward_pre_hook(hook)
+
+
+@torch.no_grad()
+def _capture_inputs(model: Hyperloop, block: str, calls: int, calib_ids: torch.Tensor) -> list[tuple]:
+    """Every call's arguments (x, cos, sin, mask, past) of a Block over the calibration set: `calls` per batch
+    (r for a middle block, one per loop; 1 otherwise). The block itself is not run."""
+    store: list[tuple] = []
+    handle = _hooked(model.get_submodule(block), lambda args: store.append(tuple(args)), calls)
+    try:
+        _run_calibration(model, calib_ids)
+    finally:
+        handle.remove()
+    return store
+
+
+@torch.no_grad()
+def _hessian(root: torch.nn.Module, linear: str, calls: int, run: Callable[[], None]) -> GPTQ:
+    """H from every input of root.<linear> while `run()` drives calibration data through `root`."""
+    mod = root.get_submodule(linear)
+    h = GPTQ(mod.weight.shape[1], linear)
+    handle = _hooked(mod, lambda args: h.add_batch(args[0]), calls)
+    try:
+        run()
+    finally:
+        handle.remove()
+    return h
+
+
+def _block_runner(block: torch.nn.Module, inputs: list[tuple]) -> Callable[[], None]:
+    def run() -> None:
+        for args in inputs:
+            try:
+                block(*args)
+            except _Stop:
+                pass
+    return run
+
+
+@torch.no_grad()
+def quantize_(model: Hyperloop, cfg: QuantConfig, calib_ids: torch.Tensor | np.ndarray | None = None,
+              progress: Progress | None = None, calibration: dict | None = None) -> dict:
+    """Quantize `model` in place (Linears -> QuantLinear, embedding -> QuantEmbedding) and return a report:
+    {"quantized": {name: why}, "kept": {name: why}, "layers": [{name, algorithm, gptq_err, rtn_err,
+    nsamples}], "seconds"}. GPTQ needs calib_ids [S, T] (token ids)."""
+    t0 = time.time()
+    cfg.validate()
+    step = progress or (lambda desc, n: None)
+    model.eval()
+    if any(isinstance(m, (QuantLinear, QuantEmbedding)) for m in model.modules()):
+        raise QuantizeError("the model is already quantized (quantize_ starts from a float model)")
+    quant, kept = plan({n: tuple(t.shape) for n, t in model.state_dict().items()}, model.cfg, cfg)
+    if cfg.algorithm == "gptq":
+        if calib_ids is None:
+            raise QuantizeError("algorithm 'gptq' needs calibration token ids (calib_ids)")
+        calib_ids = torch.as_tensor(np.asarray(calib_ids), dtype=torch.long)
+        if calib_ids.ndim != 2 or calib_ids.numel() == 0:
+            raise QuantizeError(f"calib_ids must be [samples, seq_len], got shape {tuple(calib_ids.shape)}")
+    if not hasattr(model, "int4_params"):
+        model.int4_params = {}
+    layers: list[dict] = []
+    if "embed.weight" in quant:
+        emb = QuantEmbedding(*_rtn(model.embed.weight, cfg), cfg.group_size, cfg.sym)
+        emb.cache(cfg.algorithm == "gptq")
+        set_module(model, "embed", emb)
+        step("embed", 1)
+    if cfg.quantize_hc:
+        done = quantize_hc_params(model, cfg)
+        if done:
+            step("hyper-connections", len(done))
+    targets = linear_targets(model)
+    if "lm_head.weight" in quant:
+        targets.append(("lm_head", "lm_head"))
+    r = model.cfg.num_loops
+    block, inputs = None, []
+    for group in sequential_groups(targets):
+        if cfg.algorithm == "rtn":
+            for name in group:
+                _replace_linear(model, name, _rtn(model.get_submodule(name).weight, cfg), cfg)
+                layers.append({"name": name, "algorithm": "rtn"})
+            step(_label(group), len(group))
+            continue
+        stage = group[0].split(".")[0]
+        calls = r if stage in ("middle", "inject") else 1
+        if stage in ("begin", "middle", "end"):  # inputs of the block, captured once per block
+            name = ".".join(group[0].split(".")[:2])
+            if name != block:
+                block, inputs = name, _capture_inputs(model, name, calls, calib_ids)
+            bmod = model.get_submodule(block)
+            h = _hessian(bmod, group[0][len(block) + 1:], 1, _block_runner(bmod, inputs))
+        else:  # inject / lm_head: straight from the model
+            block, inputs = None, []
+            h = _hessian(model, group[0], calls, lambda: _run_calibration(model, calib_ids))
+        h.name = group[0]
+        for name in group:
+            w = model.get_submodule(name).weight
+            codes, scale, zero, stats = h.fasterquant(w, cfg.group_size, cfg.sym, cfg.scale_dtype, cfg.act_order)
+            _replace_linear(model, name, encode(codes, scale, zero, cfg.sym), cfg)
+            layers.append({"name": name, "algorithm": "gptq", **stats})
+        del h
+        step(_label(group), len(group))
+    del inputs
+    for m in model.modules():
+        if isinstance(m, (QuantLinear, QuantEmbedding)):
+            m.cache(False)
+    model.quantization = {"config": cfg.to_dict(), "calibration": calibration if cfg.algorithm == "gptq" else None}
+    return {"quantized": quant, "kept": kept, "layers": layers, "seconds": time.time() - t0}

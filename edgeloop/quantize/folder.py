@@ -1,0 +1,393 @@
+"""Quantized checkpoint folders: the streaming writer, `quantize_checkpoint`, `save_quantized`, `load_quantized`.
+
+A quantized folder is a checkpoint folder (config.json, model.safetensors, tokenizer files, README.md) where
+    config.json   = the architecture fields + "quantization_config" (see edgeloop.quantize.config)
+    model.safetensors: for every quantized tensor `{p}.weight` (or hc `{p}`): `{p}.qweight`, `{p}.scales`
+                  and, asymmetric, `{p}.qzeros` in the layout of edgeloop.quantize.packing; every other
+                  tensor under its own name in keep_dtype (byte-identical when keep_dtype is its stored dtype).
+The safetensors file is written tensor by tensor (header first, from the known output shapes), and RTN
+reads one input tensor at a time from a freshly opened memory map, so peak memory is about one tensor.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from edgeloop.io import atomic_dir, check_output_dir, write_json
+from edgeloop.model.checkpoint import (FLOAT_DTYPES, TOKENIZER_FILES, CheckpointError, check_finite,
+                                       expected_tensors, load_config, open_safetensors, read_config,
+                                       read_tensor)
+from edgeloop.model.config import HyperloopConfig
+from edgeloop.model.inspect import tensor_role
+from edgeloop.model.model import Hyperloop, rope_tables
+from edgeloop.quantize.config import (FORMAT, HC_MATRICES, QUANT_METHOD, QuantConfig, QuantizeError, plan, prefix,
+                                      quantization_config)
+from edgeloop.quantize.modules import QuantEmbedding, QuantLinear, set_module
+from edgeloop.quantize.packing import SCALE_TORCH, dequantize, packed_shapes, rtn
+
+ST_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
+KEEP_TORCH = {"float32": torch.float32, "float16": torch.float16}
+
+
+# ---- safetensors, streamed -------------------------------------------------------------------
+def write_safetensors(path: Path, header: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+                      tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
+    """Write a safetensors file whose tensors arrive one at a time (in any order) from `tensors`.
+    Data is laid out by (wider dtype first, name), as safetensors.torch.save_file does."""
+    order = sorted(header, key=lambda n: (-header[n][0].itemsize, n))
+    offsets, pos = {}, 0
+    for n in order:
+        dt, shape = header[n]
+        size = dt.itemsize
+        for s in shape:
+            size *= s
+        offsets[n] = (pos, pos + size)
+        pos += size
+    meta = {"__metadata__": {"format": "pt"}}
+    meta.update({n: {"dtype": ST_DTYPE[header[n][0]], "shape": list(header[n][1]), "data_offsets": list(offsets[n])}
+                 for n in order})
+    hb = json.dumps(meta, separators=(",", ":")).encode("utf-8")
+    hb += b" " * (-len(hb) % 8)
+    base = 8 + len(hb)
+    written = set()
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)) + hb)
+        f.truncate(base + pos)
+        for name, t in tensors:
+            dt, shape = header[name]
+            if t.dtype != dt or tuple(t.shape) != tuple(shape):
+                raise RuntimeError(f"internal: tensor '{name}' is {t.dtype} {tuple(t.shape)}, header says {dt} {shape}")
+            f.seek(base + offsets[name][0])
+            if t.numel():
+                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # no extra copy
+            written.add(name)
+    if written != set(header):
+        raise RuntimeError(f"internal: {len(set(header) - written)} tensors were not written")
+
+
+def read_one(st: Path, name: str) -> torch.Tensor:
+    """One tensor, from a memory map opened and closed around it (its pages leave the process)."""
+    with open_safetensors(st) as f:
+        return read_tensor(f, name, st)
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 24), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ---- input validation and the output plan ----------------------------------------------------
+def inspect_input(in_dir: Path) -> tuple[HyperloopConfig, dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
+    """Config and (dtype, shape) of every tensor of a float checkpoint folder, from headers only."""
+    raw = read_config(in_dir)
+    if "quantization_config" in raw:
+        raise QuantizeError(f"{in_dir}: is already quantized ({raw['quantization_config'].get('quant_method')})")
+    cfg = load_config(in_dir)
+    st = in_dir / "model.safetensors"
+    want = expected_tensors(cfg)
+    have: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
+    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+    with open_safetensors(st) as f:
+        keys = set(f.keys())
+        missing, unexpected = sorted(set(want) - keys), sorted(keys - set(want))
+        if missing:
+            raise CheckpointError(f"{st}: tensor '{missing[0]}' is missing ({len(missing)} missing in all)")
+        if unexpected:
+            raise CheckpointError(f"{st}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} unexpected in all)")
+        for name in want:
+            sl = f.get_slice(name)
+            shape, dt = tuple(sl.get_shape()), names.get(sl.get_dtype())
+            if shape != want[name]:
+                raise CheckpointError(f"tensor '{name}' has shape {shape}, config says {want[name]}")
+            if dt not in FLOAT_DTYPES:
+                raise CheckpointError(f"tensor '{name}' has dtype {sl.get_dtype()}; expected F32, F16 or BF16")
+            have[name] = (dt, shape)
+    return cfg, have
+
+
+def output_header(inputs: dict[str, tuple[torch.dtype, tuple[int, ...]]], quant: set[str], q: QuantConfig
+                  ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """(dtype, shape) of every output tensor: packed tensors for `quant`, keep_dtype for the rest."""
+    out = {}
+    for name, (_, shape) in inputs.items():
+        if name in quant:
+            wshape = (shape[0], shape[2], shape[1]) if name in HC_MATRICES else shape
+            for part, s in packed_shapes(wshape, q.group_size, q.sym).items():
+                out[f"{prefix(name)}.{part}"] = (SCALE_TORCH[q.scale_dtype] if part == "scales" else torch.uint8, s)
+        else:
+            out[name] = (KEEP_TORCH[q.keep_dtype], shape)
+    return out
+
+
+def _packed_items(name: str, packed: tuple) -> list[tuple[str, torch.Tensor]]:
+    parts = [("qweight", packed[0]), ("scales", packed[1])] + ([("qzeros", packed[2])] if packed[2] is not None else [])
+    return [(f"{prefix(name)}.{p}", t) for p, t in parts]
+
+
+def rtn_tensor(name: str, w: torch.Tensor, q: QuantConfig) -> tuple:
+    """Packed RTN of one stored tensor (hc matrices [r, K, N] are quantized as w[l]^T)."""
+    w = w.float()
+    return rtn(w.transpose(-1, -2) if name in HC_MATRICES else w, q.group_size, q.sym, q.scale_dtype)
+
+
+# ---- writing a folder -------------------------------------------------------------------------
+def _card(cfg: HyperloopConfig, qc: dict, source: str, counts: dict) -> str:
+    cal = qc.get("calibration")
+    cal_line = (f"GPTQ calibration: {cal['samples']} windows x {cal['seq_len']} tokens of {cal['text']} "
+                f"(seed {cal['seed']}); damp 1%, act_order = {qc['act_order']}." if cal else "No calibration (RTN).")
+    return f"""---
+library_name: edgeloop
+tags: [looped-transformer, hyperloop, int4, {qc['algorithm']}]
+---
+# INT4 {qc['algorithm'].upper()} quantization of `{source}`
+
+Written by `edgeloop quantize`. Weight-only INT4 ({qc['format']}): groups of {qc['group_size']} input
+elements per output row, {'symmetric (implicit zero point 8)' if qc['sym'] else 'asymmetric (uint4 zero points)'},
+{qc['scale_dtype']} scales. {cal_line}
+
+| | |
+|---|---|
+| architecture | begin {cfg.n_begin} -> middle {cfg.n_middle} x {cfg.num_loops} loops -> end {cfg.n_end}, d = {cfg.d_model}, hc = {cfg.hc} |
+| tensors quantized | {counts['quantized']} (all block Linears{', embedding' if qc['quantize_embedding'] else ''}{', lm_head' if qc['quantize_lm_head'] else ''}{', hc matrices' if qc['quantize_hc'] else ''}) |
+| tensors kept ({qc['keep_dtype']}) | {counts['kept']} (norms, hyper-connection parameters{'' if qc['quantize_embedding'] else ', embedding'}) |
+| model.safetensors | {counts['bytes_before']:,} bytes -> {counts['bytes_after']:,} bytes |
+
+Load with `edgeloop.model.checkpoint.load_model(path)` (dequantize-on-the-fly Linears: the INT4 reference).
+The layout is documented in `edgeloop/quantize/packing.py`.
+"""
+
+
+def write_folder(out_dir: str | os.PathLike, cfg: HyperloopConfig, q: QuantConfig,
+                 header: dict[str, tuple[torch.dtype, tuple[int, ...]]], tensors: Iterator[tuple[str, torch.Tensor]],
+                 quantized: list[str], kept: list[str], calibration: dict | None, source: dict,
+                 tokenizer_dir: str | os.PathLike | None, overwrite: bool, bytes_before: int) -> dict:
+    """Write config.json, model.safetensors (streamed), tokenizer files and README.md atomically."""
+    qc = quantization_config(q, quantized, kept, calibration, source)
+    with atomic_dir(out_dir, overwrite) as tmp:
+        write_json(tmp / "config.json", {**cfg.to_dict(), "quantization_config": qc})
+        write_safetensors(tmp / "model.safetensors", header, tensors)
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (Path(tokenizer_dir) / name).is_file():
+                    shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
+        after = (tmp / "model.safetensors").stat().st_size
+        counts = {"quantized": len(quantized), "kept": len(kept), "bytes_before": bytes_before, "bytes_after": after}
+        (tmp / "README.md").write_text(_card(cfg, qc, source.get("name", "?"), counts), encoding="utf-8")
+    return {"quantization_config": qc, "bytes_after": after}
+
+
+def save_quantized(model: Hyperloop, out_dir: str | os.PathLike, qcfg: QuantConfig,
+                   tokenizer_dir: str | os.PathLike | None = None, overwrite: bool = False) -> Path:
+    """Write a model quantized by `quantize_` as a quantized checkpoint folder (kept tensors in keep_dtype)."""
+    qcfg.validate()
+    check_output_dir(out_dir, overwrite)
+    state = model.state_dict()
+    packed = dict(getattr(model, "int4_params", {}))
+    quantized, kept, header, items = [], [], {}, []
+    for name, t in state.items():
+        if name in packed:
+            continue
+        if name.endswith(".qweight"):
+            p = name[:-len(".qweight")]
+            quantized.append(f"{p}.weight")
+            for part in ("qweight", "scales", "qzeros"):
+                if f"{p}.{part}" in state:
+                    items.append((f"{p}.{part}", state[f"{p}.{part}"]))
+        elif name.endswith((".scales", ".qzeros")):
+            continue
+        else:
+            check_finite(name, t)
+            kept.append(name)
+            items.append((name, t.detach().to(KEEP_TORCH[qcfg.keep_dtype])))
+    for name, pk in packed.items():
+        quantized.append(name)
+        items += _packed_items(name, pk)
+    header = {n: (t.dtype, tuple(t.shape)) for n, t in items}
+    info = getattr(model, "quantization", {}) or {}
+    src = {"name": "in-memory model"}
+    write_folder(out_dir, model.cfg, qcfg, header, iter(items), quantized, kept, info.get("calibration"), src,
+                 tokenizer_dir, overwrite, bytes_before=sum(t.numel() * t.element_size() for t in state.values()))
+    return Path(out_dir)
+
+
+# ---- the stage ------------------------------------------------------------------------------
+def quantize_checkpoint(in_dir: str | os.PathLike, out_dir: str | os.PathLike, qcfg: QuantConfig,
+                        overwrite: bool = False, progress: bool | Callable[[str, int], None] = True) -> dict:
+    """Quantize a float checkpoint folder into a quantized one; returns the summary report.
+    RTN streams tensor by tensor; GPTQ loads the fp32 model, calibrates and quantizes it in place."""
+    from edgeloop.quantize.core import calibration_ids, quantize_
+
+    t0 = time.time()
+    qcfg.validate()
+    in_dir = Path(in_dir)
+    check_output_dir(out_dir, overwrite)
+    if in_dir.resolve() == Path(out_dir).resolve():
+        raise QuantizeError(f"{out_dir}: the output folder must differ from the input folder")
+    cfg, inputs = inspect_input(in_dir)
+    st = in_dir / "model.safetensors"
+    quant, kept = plan({n: s for n, (_, s) in inputs.items()}, cfg, qcfg)
+    calib_ids, calibration = None, None
+    if qcfg.algorithm == "gptq":
+        from edgeloop.model.checkpoint import load_tokenizer
+
+        calib_ids, calibration = calibration_ids(load_tokenizer(in_dir), qcfg, cfg.max_seq_len)
+    header = output_header(inputs, set(quant), qcfg)
+    keep_dt = KEEP_TORCH[qcfg.keep_dtype]
+    bar, step = _progress(progress, len(quant))
+    layers: list[dict] = []
+    try:
+        if qcfg.algorithm == "gptq":
+            from edgeloop.model.checkpoint import load_model
+
+            model = load_model(in_dir)
+            rep = quantize_(model, qcfg, calib_ids, progress=step, calibration=calibration)
+            layers = rep["layers"]
+            mstate = model.state_dict()
+            packed_hc = model.int4_params
+
+            def packed_of(name: str) -> tuple:
+                if name in packed_hc:
+                    return packed_hc[name]
+                p = prefix(name)
+                return tuple(mstate.get(f"{p}.{part}") for part in ("qweight", "scales", "qzeros"))
+        else:
+            def packed_of(name: str) -> tuple:
+                w = read_one(st, name)
+                check_finite(name, w)
+                out = rtn_tensor(name, w, qcfg)
+                step(prefix(name), 1)
+                return out
+
+        def stream() -> Iterator[tuple[str, torch.Tensor]]:
+            for name in inputs:  # state-dict order: begin, middle, end, ...
+                if name in quant:
+                    yield from _packed_items(name, packed_of(name))
+                else:
+                    t = read_one(st, name)
+                    check_finite(name, t)
+                    yield name, (t if t.dtype == keep_dt else t.to(keep_dt))
+
+        source = {"name": in_dir.name, "sha256": file_sha256(st)}
+        before = st.stat().st_size
+        res = write_folder(out_dir, cfg, qcfg, header, stream(), list(quant), list(kept), calibration, source,
+                           in_dir, overwrite, before)
+    finally:
+        if bar is not None:
+            bar.stop()
+    return _report(in_dir, out_dir, qcfg, inputs, quant, kept, header, res, layers, time.time() - t0, before)
+
+
+def _progress(progress, total: int):
+    if callable(progress):
+        return None, progress
+    if not progress:
+        return None, (lambda desc, n: None)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("quantizing {task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                   TimeElapsedColumn(), console=Console(stderr=True), transient=True)
+    task = bar.add_task("", total=total)
+    bar.start()
+    return bar, (lambda desc, n: bar.update(task, advance=n, description=desc))
+
+
+def _report(in_dir, out_dir, q, inputs, quant, kept, header, res, layers, seconds, before) -> dict:
+    def nbytes(dt, shape):
+        n = dt.itemsize
+        for s in shape:
+            n *= s
+        return n
+
+    lin = [n for n in quant if tensor_role(n) == "linear"]
+    lin_fp32 = sum(nbytes(torch.float32, inputs[n][1]) for n in lin)
+    lin_after = sum(nbytes(*header[f"{prefix(n)}.{p}"]) for n in lin for p in ("qweight", "scales", "qzeros")
+                    if f"{prefix(n)}.{p}" in header)
+    fp32_total = sum(nbytes(torch.float32, s) for _, s in inputs.values())
+    return {"input": str(in_dir), "output": str(out_dir), "settings": q.to_dict(),
+            "tensors_quantized": len(quant), "tensors_kept": len(kept),
+            "quantized": quant, "kept": kept, "layers": layers,
+            "bytes_before": before, "bytes_after": res["bytes_after"], "compression_ratio": before / res["bytes_after"],
+            "bytes_fp32": fp32_total, "ratio_vs_fp32": res["bytes_after"] / fp32_total,
+            "linear_bytes_fp32": lin_fp32, "linear_bytes_after": lin_after,
+            "linear_ratio_vs_fp32": lin_after / lin_fp32 if lin_fp32 else None,
+            "calibration": res["quantization_config"]["calibration"], "seconds": round(seconds, 3)}
+
+
+def load_quantized(path: str | os.PathLike) -> Hyperloop:
+    """A quantized folder as an eval fp32-compute model with QuantLinear / QuantEmbedding modules."""
+    path = Path(path)
+    qc = read_config(path).get("quantization_config")
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD or qc.get("format") != FORMAT:
+        got = qc.get("quant_method") if isinstance(qc, dict) else qc
+        raise CheckpointError(f"{path / 'config.json'}: quantization_config.quant_method = {got!r} "
+                              f"(expected {QUANT_METHOD!r}, format {FORMAT!r})")
+    if qc.get("bits") != 4 or qc.get("group_size") not in (16, 32, 64, 128, 256) or not isinstance(qc.get("sym"), bool):
+        raise CheckpointError(f"{path / 'config.json'}: quantization_config bits/group_size/sym are not supported "
+                              f"({qc.get('bits')}, {qc.get('group_size')}, {qc.get('sym')})")
+    G, sym = qc["group_size"], qc["sym"]
+    cfg = load_config(path)
+    st = path / "model.safetensors"
+    with torch.device("meta"):
+        model = Hyperloop(cfg)
+    model.int4_params = {}
+    want = expected_tensors(cfg)
+    state: dict[str, torch.Tensor] = {}
+    with open_safetensors(st) as f:
+        keys = set(f.keys())
+        used: set[str] = set()
+        for name, shape in want.items():
+            p = prefix(name)
+            if f"{p}.qweight" in keys:
+                wshape = (shape[0], shape[2], shape[1]) if name in HC_MATRICES else shape
+                parts = {}
+                for part, s in packed_shapes(wshape, G, sym).items():
+                    if f"{p}.{part}" not in keys:
+                        raise CheckpointError(f"{st}: tensor '{p}.{part}' is missing")
+                    t = read_tensor(f, f"{p}.{part}", st)
+                    if tuple(t.shape) != s:
+                        raise CheckpointError(f"tensor '{p}.{part}' has shape {tuple(t.shape)}, expected {s}")
+                    check_finite(f"{p}.{part}", t)
+                    parts[part] = t
+                    used.add(f"{p}.{part}")
+                packed = (parts["qweight"], parts["scales"], parts.get("qzeros"))
+                role = tensor_role(name)
+                if role in ("linear", "lm_head") and name.endswith(".weight"):
+                    set_module(model, p, QuantLinear(*packed, G, sym))
+                elif name == "embed.weight":
+                    set_module(model, "embed", QuantEmbedding(*packed, G, sym))
+                else:  # hc matrix / loop embedding: dequantized into the parameter
+                    deq = dequantize(*packed, G, sym)
+                    state[name] = deq.transpose(-1, -2).contiguous() if name in HC_MATRICES else deq
+                    model.int4_params[name] = packed
+            elif name in keys:
+                t = read_tensor(f, name, st)
+                if tuple(t.shape) != shape:
+                    raise CheckpointError(f"tensor '{name}' has shape {tuple(t.shape)}, config says {shape}")
+                check_finite(name, t)
+                state[name] = t.float()
+                used.add(name)
+            else:
+                raise CheckpointError(f"{st}: tensor '{name}' (or its .qweight) is missing")
+        extra = sorted(keys - used)
+        if extra:
+            raise CheckpointError(f"{st}: unexpected tensor '{extra[0]}' ({len(extra)} unexpected in all)")
+    model.load_state_dict(state, strict=False, assign=True)
+    leftover = [n for n, b in list(model.named_parameters()) + list(model.named_buffers())
+                if b.is_meta and not n.startswith("rope_")]
+    if leftover:
+        raise CheckpointError(f"{st}: tensor '{leftover[0]}' was not loaded")
+    model.rope_cos, model.rope_sin = rope_tables(cfg, cfg.max_seq_len)
+    model.quantization = {"config": qc, "calibration": qc.get("calibration")}
+    return model.eval()

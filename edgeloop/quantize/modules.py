@@ -1,0 +1,112 @@
+"""Dequantize-on-the-fly modules (the PyTorch INT4 reference) and where they go in a Hyperloop model.
+
+QuantLinear:    y = x @ dequantize(qweight, scales, qzeros)^T        (buffers named as in the file)
+QuantEmbedding: y = dequantize(...)[ids]; `.weight` is the dequantized table (the tied lm_head uses it)
+Quantized hc matrices (--quantize-hc) are stored packed in `model.int4_params` and their dequantized
+values written into the parameters, since the hyper-connection code reads the parameters directly.
+"""
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from edgeloop.model.model import Hyperloop
+from edgeloop.quantize.packing import dequantize
+
+LINEAR_NAMES = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_gate", "mlp.c_proj")
+
+
+class _Packed(nn.Module):
+    """Holds qweight [N, n_blocks, G/2], scales [N, n_blocks] and (asymmetric) qzeros [N, ceil(n_blocks/2)]."""
+
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
+                 group_size: int, sym: bool):
+        super().__init__()
+        self.group_size, self.sym = group_size, sym
+        self.out_features = qweight.shape[0]
+        self.in_features = qweight.shape[1] * group_size
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+        if qzeros is not None:
+            self.register_buffer("qzeros", qzeros)
+        else:
+            self.qzeros = None
+        self._keep, self._cached = False, None
+
+    def cache(self, on: bool) -> None:
+        """Keep the dequantized weight between calls (used during calibration), or drop it."""
+        self._keep, self._cached = on, None
+
+    def dequantized(self) -> torch.Tensor:
+        """The float32 weight [N, K] these codes stand for."""
+        if self._cached is not None:
+            return self._cached
+        w = dequantize(self.qweight, self.scales, self.qzeros, self.group_size, self.sym)
+        if self._keep:
+            self._cached = w
+        return w
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int4 "
+                f"G={self.group_size}, {'sym' if self.sym else 'asym'}, scales {self.scales.dtype}")
+
+
+class QuantLinear(_Packed):
+    """A bias-free Linear whose weight is INT4 blocks, dequantized at every call."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized().to(x.dtype))
+
+
+class QuantEmbedding(_Packed):
+    """An embedding table [V, d] stored as INT4 blocks along d."""
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.dequantized()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, self.dequantized())
+
+
+def linear_targets(model: Hyperloop) -> list[tuple[str, str]]:
+    """(stage, module name) of every Linear to quantize, in forward order: begin, inject, middle, end.
+    Within a block: attn q/k/v, attn out, mlp up (fc, gate), mlp down."""
+    out: list[tuple[str, str]] = []
+    names = {n for n, _ in model.named_modules()}
+
+    def block(stage: str, i: int) -> None:
+        for ln in LINEAR_NAMES:
+            name = f"{stage}.{i}.{ln}"
+            if name in names:
+                out.append((stage, name))
+
+    for i in range(len(model.begin)):
+        block("begin", i)
+    if model.inject is not None:
+        out.append(("inject", "inject"))
+    for i in range(len(model.middle)):
+        block("middle", i)
+    for i in range(len(model.end)):
+        block("end", i)
+    return out
+
+
+SHARED_INPUT = {"c_q": "qkv", "c_k": "qkv", "c_v": "qkv", "c_fc": "up", "c_gate": "up"}
+
+
+def sequential_groups(targets: list[tuple[str, str]]) -> list[list[str]]:
+    """Linears that read the same input (q/k/v; fc/gate) form one group, quantized together."""
+    def key(name: str) -> str:
+        parent, _, leaf = name.rpartition(".")
+        return f"{parent}:{SHARED_INPUT.get(leaf, leaf)}"
+
+    return [list(g) for _, g in itertools.groupby((n for _, n in targets), key=key)]
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, module)
