@@ -1,0 +1,134 @@
+"""Perplexity drift: an export on an execution provider vs the fp32 PyTorch reference, on exactly the
+same token ids and strided windows.
+
+    evaluate_drift(export_dir, reference=None, ep="cpu", tokens=8192) ->
+        {"ppl", "reference_ppl", "drift_pct", "drift_abs", "tokens", "ep", ...}
+
+The reference is a float checkpoint folder: `reference`, else the export's source (manifest "source")
+when that is float, else the float checkpoint a quantized source records (quantization_config.source:
+name + sha256 of its model.safetensors, looked up beside the quantized folder and in models/).
+This module imports torch (the reference is the PyTorch model); the Runtime itself does not.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from edgeloop.runtime.session import RuntimeInputError, read_manifest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _config(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def float_source(quantized: Path) -> Path | None:
+    """The float checkpoint a quantized folder was made from, when its config records it and it is found
+    (by name beside the folder or under models/, confirmed by sha256 when one is recorded)."""
+    qc = (_config(quantized) or {}).get("quantization_config") or {}
+    src = qc.get("source") or {}
+    if isinstance(src, str):
+        src = {"path": src}
+    cands = [Path(src["path"])] if src.get("path") else []
+    if src.get("name"):
+        cands += [quantized.parent / src["name"], ROOT / "models" / src["name"]]
+    for c in cands:
+        st = c / "model.safetensors"
+        cfg = _config(c)
+        if not st.is_file() or cfg is None or cfg.get("quantization_config"):
+            continue
+        if src.get("sha256") and _sha256(st) != src["sha256"]:
+            continue
+        return c
+    return None
+
+
+def resolve_reference(export_dir: Path, reference: str | os.PathLike | None) -> Path:
+    """The fp32 reference checkpoint folder for an export (see the module docstring)."""
+    if reference is not None:
+        ref = Path(reference)
+        if (ref / "model.onnx").is_file():
+            raise RuntimeInputError(f"--reference {ref}: is an export folder; pass the float PyTorch checkpoint")
+        cfg = _config(ref)
+        if cfg is None or not (ref / "model.safetensors").is_file():
+            raise RuntimeInputError(f"--reference {ref}: not a checkpoint folder (config.json + model.safetensors)")
+        if cfg.get("quantization_config"):
+            raise RuntimeInputError(f"--reference {ref}: is quantized; the reference is the float checkpoint")
+        return ref
+    source = Path(str(read_manifest(export_dir).get("source") or ""))
+    cfg = _config(source) if str(source) else None
+    if cfg is not None and not cfg.get("quantization_config") and (source / "model.safetensors").is_file():
+        return source
+    if cfg is not None:
+        found = float_source(source)
+        if found is not None:
+            return found
+    raise RuntimeInputError(f"{export_dir}: its float source checkpoint is not recorded or not found "
+                            f"(source: {source or '?'}); pass --reference FP_DIR")
+
+
+def evaluation_ids(export_dir: Path, text_file: str | os.PathLike | None, tokens: int | None) -> np.ndarray:
+    """Token ids of --text FILE (or the demo corpus's validation split), first `tokens` of them."""
+    from edgeloop.model.data import corpus_split, encode, read_text
+    from edgeloop.model.checkpoint import load_tokenizer
+
+    if tokens is not None and tokens < 2:
+        raise RuntimeInputError(f"--tokens {tokens}: need at least 2")
+    text = read_text(text_file) if text_file is not None else corpus_split("validation")
+    ids = encode(load_tokenizer(export_dir), text)
+    if len(ids) < 2:
+        raise RuntimeInputError(f"{text_file}: encodes to {len(ids)} token(s); perplexity needs at least 2")
+    return ids[:tokens] if tokens else ids
+
+
+def evaluate_drift(export_dir: str | os.PathLike, reference: str | os.PathLike | None = None, ep: str = "cpu",
+                   tokens: int | None = 8192, text: str | os.PathLike | None = None, num_loops: int | None = None,
+                   batch_size: int = 4, threads: int = 0,
+                   progress: Callable[[str, int, int], None] | None = None) -> dict:
+    """Perplexity of the export on `ep` and of the fp32 PyTorch reference on the same ids and windows."""
+    import torch
+
+    from edgeloop.model.checkpoint import load_model
+    from edgeloop.model.evaluate import perplexity as torch_perplexity
+    from edgeloop.runtime.runtime import Runtime
+
+    export_dir = Path(export_dir)
+    ref_dir = resolve_reference(export_dir, reference)
+    rt = Runtime(export_dir, ep=ep, threads=threads, num_loops=num_loops)
+    ids = evaluation_ids(export_dir, text, tokens)
+    step = progress or (lambda what, done, total: None)
+    model = load_model(ref_dir)
+    if model.cfg.vocab_size != rt.vocab_size:
+        raise RuntimeInputError(f"--reference {ref_dir}: vocabulary {model.cfg.vocab_size} != the export's "
+                                f"{rt.vocab_size}")
+    ctx = min(rt.ctx, model.cfg.max_seq_len)  # one window size for both
+    ppl, n = rt.perplexity(ids, ctx=ctx, batch_size=batch_size, progress=lambda d, t: step("export", d, t))
+    if threads:
+        torch.set_num_threads(threads)
+    step("reference", 0, 1)
+    ref_ppl, ref_n = torch_perplexity(model, ids, ctx=ctx, stride=ctx // 2, num_loops=rt.num_loops)
+    step("reference", 1, 1)
+    assert ref_n == n
+    m = rt.manifest
+    return {"ppl": ppl, "reference_ppl": ref_ppl, "drift_pct": 100.0 * (ppl - ref_ppl) / ref_ppl,
+            "drift_abs": ppl - ref_ppl, "tokens": n, "ep": ep, "num_loops": rt.num_loops, "ctx": ctx,
+            "stride": ctx // 2, "reference": str(ref_dir), "model": str(export_dir), "format": m.get("format"),
+            "text": str(text) if text else "demo validation split",
+            "quantization": (m.get("quantization_config") or {}).get("algorithm")}

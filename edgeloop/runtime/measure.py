@@ -1,0 +1,264 @@
+"""Memory footprint and latency of an export, measured in a fresh subprocess for clean numbers, and the
+elastic-depth sweep (perplexity and decode speed per loop count) with its plot.
+
+    footprint(folder, ep="cpu") -> {"file_bytes", "peak_rss_bytes", "steady_rss_bytes",
+        "kv_bytes_per_token", "prefill_ms", "decode_tokens_per_s", "ep", ...}
+    sweep(rt, ids) -> [{"num_loops", "ppl", "decode_tokens_per_s", ...} for num_loops in 1..r]
+
+Run as `python -m edgeloop.runtime.measure FOLDER --ep cpu ...` it is the probe itself: it prints
+one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgeloop.runtime.session import RuntimeInputError, read_manifest
+
+GPU_EPS = ("cuda", "webgpu", "coreml", "nnapi", "qnn", "dml")
+
+
+def file_bytes(folder: Path) -> dict[str, Any]:
+    """Bytes on disk of the model files, and of the initializers by dtype (from the manifest)."""
+    files = {p.name: p.stat().st_size for p in sorted(folder.glob("model.onnx*")) if p.is_file()}
+    m = read_manifest(folder)
+    return {"file_bytes": sum(files.values()), "files": files,
+            "bytes_by_dtype": dict((m.get("graph") or {}).get("initializer_bytes", {}))}
+
+
+def kv_bytes_per_token(manifest: dict, num_loops: int | None = None) -> int:
+    """fp32 keys + values one token adds to the cache of one sequence, over the layers that run."""
+    c = manifest["config"]
+    L = manifest["num_loops"] if num_loops is None else num_loops
+    layers = c["n_begin"] + L * c["n_middle"] + c["n_end"]
+    return 2 * layers * c["n_kv_heads"] * (c["d_model"] // c["n_heads"]) * 4
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _peak_rss() -> int:
+    """This process's RSS high-water mark. On Linux VmHWM (it starts afresh at exec, unlike ru_maxrss,
+    which keeps the forking parent's peak)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # Linux reports KiB
+
+
+def device_memory(ep: str) -> dict[str, Any]:
+    """Device memory where it can be read; a plain statement where it cannot."""
+    if ep == "cpu":
+        return {"device_memory_bytes": None, "device_memory_note": "cpu: the model lives in host memory (RSS)"}
+    if ep == "cuda":
+        try:
+            r = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                               capture_output=True, text=True, timeout=20)
+            for line in r.stdout.splitlines():
+                pid, mib = (s.strip() for s in line.split(","))
+                if int(pid) == os.getpid():
+                    return {"device_memory_bytes": int(mib) * 2**20,
+                            "device_memory_note": "cuda: read with nvidia-smi for this process"}
+        except (OSError, ValueError, subprocess.TimeoutExpired):
+            pass
+        return {"device_memory_bytes": None, "device_memory_note": "cuda: device memory could not be read "
+                "(onnxruntime does not report it and nvidia-smi gave no figure for this process)"}
+    return {"device_memory_bytes": None, "device_memory_note": f"{ep}: onnxruntime exposes no device-memory "
+            "figure for this provider; the RSS numbers cover host memory only"}
+
+
+def decode_rates(stamps: list[float]) -> dict[str, float]:
+    """From the times each token arrived (the first closes the prefill): decode_tokens_per_s from the
+    MEDIAN step time (robust to other processes' bursts on a shared machine) and the mean-based rate."""
+    steps = np.diff(stamps)
+    med = float(np.median(steps))
+    return {"decode_tokens_per_s": 1.0 / max(med, 1e-9), "decode_ms_per_token": 1000 * med,
+            "decode_tokens_per_s_mean": len(steps) / max(float(steps.sum()), 1e-9)}
+
+
+def probe(folder: str, ep: str = "cpu", threads: int = 0, prefill_tokens: int = 128, decode_tokens: int = 256,
+          num_loops: int | None = None, mmap: bool = True, prepack: bool = True, repeats: int = 3) -> dict:
+    """The measurements, in THIS process (footprint() runs it in a fresh one): peak RSS while the session
+    is created, prefill ms for `prefill_tokens` (median of `repeats`), decode tokens/s and RSS during a
+    greedy decode of `decode_tokens` (clipped to the context)."""
+    import onnxruntime  # noqa: F401  imported before the baseline so that it is not counted as the model
+
+    from edgeloop.runtime.runtime import Runtime
+
+    base = _rss()
+    t = time.perf_counter()
+    rt = Runtime(folder, ep=ep, threads=threads, num_loops=num_loops, mmap=mmap, prepack=prepack)
+    create_s = time.perf_counter() - t
+    after_create = _rss()
+    peak_create = max(_peak_rss(), after_create)
+    rng = np.random.default_rng(0)
+    n = max(1, min(prefill_tokens, rt.ctx))
+    x = rng.integers(0, rt.vocab_size, (1, n), dtype=np.int64)
+    feeds = (x, np.ones_like(x), np.arange(n, dtype=np.int64)[None], rt.empty_past(1))
+    rt.forward(*feeds, rt.num_loops)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        rt.forward(*feeds, rt.num_loops)
+        times.append(time.perf_counter() - t)
+    prompt = rng.integers(0, rt.vocab_size, min(16, rt.ctx - 1)).tolist()
+    steps = max(2, min(decode_tokens + 1, rt.ctx - len(prompt) + 1))  # the first token comes from the prefill
+    stamps: list[float] = []
+    rss: list[int] = []
+
+    def on_token(row: int, tok: int) -> None:
+        stamps.append(time.perf_counter())
+        rss.append(_rss())
+
+    rt.generate_ids([prompt], min(8, steps), stop=())  # warm the decode shapes
+    rt.generate_ids([prompt], steps, stop=(), on_token=on_token)
+    decoded = len(stamps) - 1  # the first stamp closes the prefill
+    steady = rss[len(rss) // 2:] or rss
+    out = {"ep": ep, "providers": rt.session.get_providers(), "threads": threads, "num_loops": rt.num_loops,
+           "baseline_rss_bytes": base, "peak_rss_bytes": peak_create, "after_create_rss_bytes": after_create,
+           "session_rss_bytes": peak_create - base, "session_create_s": round(create_s, 4),
+           "steady_rss_bytes": int(np.median(steady)), "decode_peak_rss_bytes": max(rss),
+           "prefill_tokens": n, "prefill_ms": 1000 * float(np.median(times)),
+           "decode_tokens": decoded, **decode_rates(stamps),
+           "context": rt.ctx, "mmap": mmap, "prepack": prepack}
+    out["process_peak_rss_bytes"] = _peak_rss()
+    out.update(device_memory(ep))
+    return out
+
+
+def footprint(folder: str | os.PathLike, ep: str = "cpu", threads: int = 0, prefill_tokens: int = 128,
+              decode_tokens: int = 256, num_loops: int | None = None, context: int | None = None,
+              mmap: bool = True, prepack: bool = True, timeout: float = 1800) -> dict:
+    """bench's numbers: probe() in a fresh subprocess plus file bytes and the KV-cache size (per token and
+    at `context` tokens, default the model's context)."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    from edgeloop.runtime.session import provider_names
+
+    provider_names(ep)  # an unavailable EP fails here, in one line, not in the child
+    cmd = [sys.executable, "-m", "edgeloop.runtime.measure", str(folder), "--ep", ep, "--threads", str(threads),
+           "--prefill-tokens", str(prefill_tokens), "--decode-tokens", str(decode_tokens)]
+    if num_loops is not None:
+        cmd += ["--num-loops", str(num_loops)]
+    if not mmap:
+        cmd.append("--no-mmap")
+    if not prepack:
+        cmd.append("--no-prepack")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if r.returncode != 0:
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RuntimeInputError(f"the measurement subprocess failed: {last}")
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    out.update(file_bytes(folder))
+    ctx = context or manifest["max_seq_len"]
+    out["kv_bytes_per_token"] = kv_bytes_per_token(manifest, num_loops)
+    out["kv_context"] = ctx
+    out["kv_bytes_at_context"] = out["kv_bytes_per_token"] * ctx
+    out["format"] = manifest.get("format")
+    out["unroll"] = manifest.get("unroll")
+    return out
+
+
+RATIO_KEYS = ("file_bytes", "peak_rss_bytes", "steady_rss_bytes", "session_rss_bytes", "kv_bytes_per_token",
+              "prefill_ms", "decode_tokens_per_s")
+
+
+def ratios(a: dict, b: dict) -> dict[str, float]:
+    """a / b for each footprint and latency figure (e.g. INT4 over fp32)."""
+    return {k: a[k] / b[k] for k in RATIO_KEYS if k in a and k in b and b[k]}
+
+
+def decode_speed(rt, tokens: int = 64, num_loops: int | None = None) -> float:
+    """Greedy decode tokens/s in this process (after a short warm-up; median step), from a fixed 16-token
+    prompt."""
+    prompt = np.random.default_rng(1).integers(0, rt.vocab_size, min(16, rt.ctx - 1)).tolist()
+    tokens = max(2, min(tokens + 1, rt.ctx - len(prompt) + 1))
+    stamps: list[float] = []
+    rt.generate_ids([prompt], 4, stop=(), num_loops=num_loops)
+    rt.generate_ids([prompt], tokens, stop=(), num_loops=num_loops,
+                    on_token=lambda b, t: stamps.append(time.perf_counter()))
+    return decode_rates(stamps)["decode_tokens_per_s"]
+
+
+def sweep(rt, ids: np.ndarray, decode_tokens: int = 64, batch_size: int = 4, progress=None) -> list[dict]:
+    """Perplexity on `ids` and decode tokens/s for num_loops = 1..r (r rows; needs the num_loops input)."""
+    if not rt.has_num_loops:
+        raise RuntimeInputError(f"{rt.folder}: an unrolled export has no num_loops input, so no sweep")
+    rows = []
+    for L in range(1, rt.r + 1):
+        ppl, n = rt.perplexity(ids, batch_size=batch_size, num_loops=L)
+        rows.append({"num_loops": L, "effective_layers": rt.n_begin + L * rt.n_middle + rt.n_end, "ppl": ppl,
+                     "tokens": n, "decode_tokens_per_s": decode_speed(rt, decode_tokens, L),
+                     "kv_bytes_per_token": rt.kv_bytes_per_token(L)})
+        if progress is not None:
+            progress(L, rt.r)
+    return rows
+
+
+def plot_sweep(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """PNG: perplexity (left axis) and decode tokens/s (right axis) against num_loops."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    L = [r["num_loops"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot(L, [r["ppl"] for r in rows], "o-", color="tab:blue", label="perplexity")
+    ax.set_xlabel("num_loops (elastic depth)")
+    ax.set_ylabel("perplexity", color="tab:blue")
+    ax.set_xticks(L)
+    ax2 = ax.twinx()
+    ax2.plot(L, [r["decode_tokens_per_s"] for r in rows], "s--", color="tab:orange", label="decode tokens/s")
+    ax2.set_ylabel("decode tokens/s", color="tab:orange")
+    ax.set_title(title or "elastic depth: quality vs speed")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description="edgeloop runtime probe: prints one JSON object")
+    p.add_argument("folder")
+    p.add_argument("--ep", default="cpu")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--prefill-tokens", type=int, default=128)
+    p.add_argument("--decode-tokens", type=int, default=256)
+    p.add_argument("--num-loops", type=int, default=None)
+    p.add_argument("--no-mmap", action="store_true")
+    p.add_argument("--no-prepack", action="store_true")
+    a = p.parse_args(argv)
+    try:
+        res = probe(a.folder, a.ep, a.threads, a.prefill_tokens, a.decode_tokens, a.num_loops,
+                    not a.no_mmap, not a.no_prepack)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(json.dumps(res))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""What the `edgeloop generate` (export folders), `eval` and `bench` commands print: streamed text,
+rich progress bars and tables, or one JSON object. The CLI only parses options and calls these."""
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+def _progress(console: Console, enabled: bool) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                    console=console, transient=True, disable=not enabled)
+
+
+def stream_generate(out: Console, folder: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
+                    top_p: float, repetition_penalty: float, seed: int, num_loops: Optional[int], ep: str,
+                    threads: int) -> None:
+    """Continue `prompt` with the runtime, printing text as the tokens arrive."""
+    from edgeloop.runtime import Runtime
+
+    from edgeloop.runtime.session import ContextLengthError
+
+    rt = Runtime(folder, ep=ep, threads=threads, num_loops=num_loops)
+    n = len(rt._tok().encode(prompt, add_special_tokens=False).ids)
+    if not n:
+        raise ValueError("--prompt is empty")
+    if n > rt.ctx:
+        raise ContextLengthError(f"the prompt has {n} tokens; the model's context is {rt.ctx}")
+    tok = rt._tok()
+    new: list[int] = []
+    shown = [""]
+
+    def on_token(row: int, t: int) -> None:
+        new.append(t)
+        text = tok.decode(new)
+        if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
+            out.print(text[len(shown[0]):], end="", highlight=False, soft_wrap=True)
+            shown[0] = text
+
+    out.print(prompt, end="", highlight=False)
+    rt.generate(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop=None, seed=seed,
+                on_token=on_token)
+    out.print()
+
+
+def run_eval(out: Console, err: Console, model_dir: Path, reference: Optional[Path], ep: str, tokens: int,
+             text: Optional[Path], num_loops: Optional[int], batch_size: int, threads: int, as_json: bool) -> dict:
+    """`edgeloop eval`: perplexity of the export vs the fp32 PyTorch reference on the same windows."""
+    from edgeloop.runtime.drift import evaluate_drift
+
+    bar = _progress(err, not as_json)
+    tasks: dict[str, int] = {}
+
+    def step(what: str, done: int, total: int) -> None:
+        if not tasks:
+            bar.start()  # only once work starts: an early error stays one line
+        if what not in tasks:
+            label = "perplexity (export)" if what == "export" else "perplexity (PyTorch fp32 reference)"
+            tasks[what] = bar.add_task(label, total=total)
+        bar.update(tasks[what], completed=done, total=total)
+
+    try:
+        r = evaluate_drift(model_dir, reference, ep, tokens, text, num_loops, batch_size, threads, progress=step)
+    finally:
+        if tasks:
+            bar.stop()
+    if as_json:
+        out.print_json(json.dumps(r))
+        return r
+    t = Table(title=f"{model_dir} on {ep}", show_header=False)
+    t.add_row("perplexity", f"{r['ppl']:.4f}  ({r['format']}, num_loops {r['num_loops']})")
+    t.add_row("reference (fp32 PyTorch)", f"{r['reference_ppl']:.4f}  ({r['reference']})")
+    t.add_row("drift", f"{r['drift_abs']:+.4f} ({r['drift_pct']:+.3f}%)")
+    t.add_row("tokens", f"{r['tokens']:,} scored from {r['text']}; windows of {r['ctx']}, stride {r['stride']}")
+    out.print(t)
+    return r
+
+
+def _mb(b: float) -> str:
+    return f"{b / 2**20:,.2f} MiB"
+
+
+def run_bench(out: Console, err: Console, model_dir: Path, ep: str, threads: int, prefill_tokens: int,
+              decode_tokens: int, context: Optional[int], num_loops: Optional[int], reference: Optional[Path],
+              sweep: bool, plot: Optional[Path], sweep_tokens: int, text: Optional[Path], as_json: bool) -> dict:
+    """`edgeloop bench`: footprint and latency (fresh subprocess), optionally vs a reference export, and
+    the num_loops sweep (table + PNG)."""
+    from edgeloop.runtime.measure import footprint, plot_sweep, ratios, sweep as run_sweep
+
+    with err.status("measuring in a fresh process", spinner="dots") if not as_json else contextlib.nullcontext():
+        r = footprint(model_dir, ep, threads, prefill_tokens, decode_tokens, num_loops, context)
+        if reference is not None:
+            ref = footprint(reference, ep, threads, prefill_tokens, decode_tokens, None, context)
+            r["reference"] = {"path": str(reference), **{k: ref[k] for k in ref if not isinstance(ref[k], dict)}}
+            r["ratio_vs_reference"] = ratios(r, ref)
+    if sweep or plot is not None:
+        from edgeloop.runtime import Runtime
+        from edgeloop.runtime.drift import evaluation_ids
+
+        rt = Runtime(model_dir, ep=ep, threads=threads)
+        ids = evaluation_ids(model_dir, text, sweep_tokens)
+        with _progress(err, not as_json) as bar:
+            task = bar.add_task("num_loops sweep", total=rt.r)
+            r["sweep"] = run_sweep(rt, ids, progress=lambda d, t: bar.update(task, completed=d))
+        if plot is not None:
+            r["plot"] = str(plot_sweep(r["sweep"], plot, f"{model_dir.name}: elastic depth on {ep}"))
+    if as_json:
+        out.print_json(json.dumps(r))
+        return r
+    rr = r.get("ratio_vs_reference", {})
+    t = Table("figure", "value", *(["÷ reference"] if reference else []), title=f"{model_dir} on {ep}")
+
+    def row(name: str, key: str, text: str) -> None:
+        t.add_row(name, text, *([f"{rr[key]:.3f}×" if key in rr else "-"] if reference else []))
+
+    dtypes = ", ".join(f"{k} {_mb(v)}" for k, v in r["bytes_by_dtype"].items())
+    row("file size", "file_bytes", f"{_mb(r['file_bytes'])} ({dtypes})")
+    row("peak RSS, session creation", "peak_rss_bytes", f"{_mb(r['peak_rss_bytes'])} (session adds "
+        f"{_mb(r['session_rss_bytes'])} over a {_mb(r['baseline_rss_bytes'])} baseline)")
+    row("steady RSS, decoding", "steady_rss_bytes", f"{_mb(r['steady_rss_bytes'])} over {r['decode_tokens']} tokens")
+    row("KV cache per token", "kv_bytes_per_token", f"{r['kv_bytes_per_token']:,} B "
+        f"({_mb(r['kv_bytes_at_context'])} at {r['kv_context']} tokens)")
+    row("prefill", "prefill_ms", f"{r['prefill_ms']:.2f} ms for {r['prefill_tokens']} tokens")
+    row("decode", "decode_tokens_per_s", f"{r['decode_tokens_per_s']:.1f} tokens/s "
+        f"({r['decode_ms_per_token']:.2f} ms/token)")
+    t.add_row("device memory", str(r["device_memory_note"]), *([""] if reference else []))
+    out.print(t)
+    if "sweep" in r:
+        s = Table("num_loops", "effective layers", "perplexity", "decode tokens/s", "KV B/token",
+                  title=f"elastic depth ({r['sweep'][0]['tokens']:,} tokens)")
+        for x in r["sweep"]:
+            s.add_row(str(x["num_loops"]), str(x["effective_layers"]), f"{x['ppl']:.3f}",
+                      f"{x['decode_tokens_per_s']:.1f}", f"{x['kv_bytes_per_token']:,}")
+        out.print(s)
+        if "plot" in r:
+            out.print(f"plot: {r['plot']}")
+    return r
+

@@ -1,0 +1,251 @@
+"""`Runtime`: what an app embeds to run an edgeloop export (numpy + onnxruntime + tokenizers only).
+
+    rt = Runtime("exports/tiny-int4", ep="cpu", threads=0)
+    out = rt.generate("And God said", max_new_tokens=40, on_token=lambda row, tok: ...)
+    ppl, n = rt.perplexity(ids)            # the strided windows of the PyTorch reference
+    rt.placement()                         # {provider: {"nodes": n, "ops": {...}}}
+
+Feeds follow the export convention: input_ids [B,S], attention_mask [B,P+S] (0 = left padding),
+position_ids = cumsum(mask) - 1 (clamped at 0), one past/present pair per effective layer, and the
+optional `num_loops` (elastic depth; pasts of loops that do not run stay empty [B,kv,0,hd]).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from edgeloop.runtime.sampling import check_sampling, choose, encode, nll_sum, windows
+from edgeloop.runtime.session import (
+    ContextLengthError, RuntimeInputError, check_convention, make_session, placement_from_profile,
+    provider_names, read_manifest, session_options)
+
+EOT = "<|endoftext|>"
+
+
+@dataclass
+class Generation:
+    """Result of generate(): new token ids per prompt, their text, and why each row stopped
+    ("stop" token, "length" = max_new_tokens, "context" = the context is full)."""
+    tokens: list[list[int]]
+    text: list[str]
+    prompt_tokens: list[int]
+    finish: list[str] = field(default_factory=list)
+
+
+class Runtime:
+    """An onnxruntime session on an edgeloop export folder, with generation and perplexity."""
+
+    def __init__(self, folder: str | os.PathLike, ep: str = "cpu", threads: int = 0, num_loops: int | None = None,
+                 mmap: bool = True, prepack: bool = True, profile: bool = False):
+        self.folder = Path(folder)
+        self.manifest = read_manifest(self.folder)
+        c = self.manifest["config"]
+        self.n_layers: int = int(self.manifest["effective_layers"])
+        self.r: int = int(self.manifest["num_loops"])
+        self.ctx: int = int(self.manifest["max_seq_len"])
+        self.kv_heads, self.head_dim = int(c["n_kv_heads"]), int(c["d_model"]) // int(c["n_heads"])
+        self.n_begin, self.n_middle, self.n_end = int(c["n_begin"]), int(c["n_middle"]), int(c["n_end"])
+        self.vocab_size = int(c["vocab_size"])
+        self.ep, self.threads, self.mmap, self.prepack = ep, threads, mmap, prepack
+        self.providers = provider_names(ep)
+        self._profile_dir = tempfile.mkdtemp(prefix="edgeloop-profile-") if profile else None
+        if self._profile_dir is not None:  # removed with the Runtime (or by close())
+            self._cleanup = weakref.finalize(self, shutil.rmtree, self._profile_dir, True)
+        so = session_options(threads, mmap, prepack, profile,
+                             os.path.join(self._profile_dir, "run") if profile else None)
+        self.session = make_session(self.folder, self.providers, so, mmap)
+        self.has_num_loops = check_convention(self.session, self.n_layers, self.kv_heads, self.head_dim)
+        self.out_names = [o.name for o in self.session.get_outputs()]
+        self.num_loops = self._loops(num_loops)
+        self.tokenizer = None
+        if (self.folder / "tokenizer.json").is_file():
+            from tokenizers import Tokenizer
+
+            self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        self.eos = self.tokenizer.token_to_id(EOT) if self.tokenizer is not None else None
+        self.pad = self.eos if self.eos is not None else 0
+        self._placement: dict | None = None
+
+    # ---- the knobs ---------------------------------------------------------------------------
+    def _loops(self, num_loops: int | None) -> int:
+        """The loop count to run: default r; 1..r when the export has the num_loops input."""
+        if num_loops is None:
+            return getattr(self, "num_loops", self.r)
+        if isinstance(num_loops, bool) or not isinstance(num_loops, (int, np.integer)) or not 1 <= num_loops <= self.r:
+            raise RuntimeInputError(f"num_loops {num_loops!r}: must be an integer in 1..{self.r} (the trained r)")
+        if num_loops != self.r and not self.has_num_loops:
+            raise RuntimeInputError(f"num_loops {num_loops}: this export is unrolled (no num_loops input); "
+                                    f"it always runs r = {self.r} loops")
+        return int(num_loops)
+
+    def kv_bytes_per_token(self, num_loops: int | None = None) -> int:
+        """KV-cache bytes one token adds per sequence (fp32 keys + values of every layer that runs)."""
+        L = self._loops(num_loops)
+        layers = self.n_begin + L * self.n_middle + self.n_end
+        return 2 * layers * self.kv_heads * self.head_dim * 4
+
+    # ---- one forward through the graph -------------------------------------------------------
+    def empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        z = np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
+        return {f"past_key_values.{i}.{k}": z for i in range(self.n_layers) for k in ("key", "value")}
+
+    def forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: dict[str, np.ndarray],
+                num_loops: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(logits [B,S,V], the next past) for new tokens `ids` [B,S] after `past`."""
+        feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **past}
+        if self.has_num_loops:
+            feeds["num_loops"] = np.array(num_loops, np.int64)
+        outs = self.session.run(self.out_names, feeds)
+        nxt = {n.replace("present.", "past_key_values.", 1): o for n, o in zip(self.out_names, outs)
+               if n.startswith("present.")}
+        return outs[self.out_names.index("logits")], nxt
+
+    # ---- generation ----------------------------------------------------------------------------
+    def encode(self, text: str) -> np.ndarray:
+        """Token ids of a text, encoded line by line (the encoding every edgeloop stage uses)."""
+        return encode(self._tok(), text)
+
+    def _tok(self):
+        if self.tokenizer is None:
+            raise RuntimeInputError(f"{self.folder}: tokenizer.json is missing (pass token ids instead of text)")
+        return self.tokenizer
+
+    def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                 stop: Sequence[int] | None = None, seed: int = 0, num_loops: int | None = None,
+                 on_token: Callable[[int, int], None] | None = None) -> Generation:
+        """Continue one prompt or a batch (left-padded) through the KV cache. `stop`: token ids that end
+        a row (default: <|endoftext|>; () for none). `on_token(row, token_id)` streams each new token."""
+        batch = [prompts] if isinstance(prompts, str) else list(prompts)
+        tok = self._tok()
+        ids = [tok.encode(p, add_special_tokens=False).ids for p in batch]
+        return self.generate_ids(ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
+                                 num_loops, on_token)
+
+    def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
+                     top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
+                     stop: Sequence[int] | None = None, seed: int = 0, num_loops: int | None = None,
+                     on_token: Callable[[int, int], None] | None = None) -> Generation:
+        """generate() on token ids: a list of prompts, each a list of ids."""
+        L = self._loops(num_loops)
+        check_sampling(temperature, top_k, top_p, repetition_penalty)
+        if max_new_tokens < 0:
+            raise RuntimeInputError(f"max_new_tokens {max_new_tokens}: must be >= 0")
+        rows = [list(map(int, p)) for p in prompts]
+        if not rows or any(not p for p in rows):
+            raise RuntimeInputError("a prompt is empty (no tokens)")
+        bad = [t for p in rows for t in p if not 0 <= t < self.vocab_size]
+        if bad:
+            raise RuntimeInputError(f"token id {bad[0]} is outside the vocabulary (0..{self.vocab_size - 1})")
+        longest = max(len(p) for p in rows)
+        if longest > self.ctx:
+            raise ContextLengthError(f"the prompt has {longest} tokens; the model's context is {self.ctx}")
+        stops = set(stop) if stop is not None else ({self.eos} if self.eos is not None else set())
+        B, rng = len(rows), np.random.default_rng(seed)
+        ids = np.full((B, longest), self.pad, np.int64)
+        mask = np.zeros((B, longest), np.int64)
+        for b, p in enumerate(rows):
+            ids[b, longest - len(p):], mask[b, longest - len(p):] = p, 1
+        pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+        past, new = self.empty_past(B), [[] for _ in range(B)]
+        finish = ["length"] * B
+        done = np.zeros(B, bool)
+        for _ in range(max_new_tokens):
+            if pos.max() >= self.ctx:  # the next token would have no rotary position
+                finish = [f if d else "context" for f, d in zip(finish, done)]
+                break
+            logits, past = self.forward(ids, mask, pos, past, L)
+            nxt = np.full(B, self.pad, np.int64)
+            for b in np.flatnonzero(~done):
+                t = choose(logits[b, -1], rows[b] + new[b], rng, temperature, top_k, top_p, repetition_penalty)
+                new[b].append(t)
+                nxt[b] = t
+                if on_token is not None:
+                    on_token(int(b), t)
+                if t in stops:
+                    done[b], finish[b] = True, "stop"
+            if done.all():
+                break
+            ids = nxt[:, None]
+            pos = pos[:, -1:] + 1
+            mask = np.concatenate([mask, np.ones((B, 1), np.int64)], 1)
+        text = [self.tokenizer.decode(n) for n in new] if self.tokenizer is not None else [""] * B
+        return Generation(new, text, [len(p) for p in rows], finish)
+
+    # ---- perplexity ----------------------------------------------------------------------------
+    def perplexity(self, ids: Sequence[int] | np.ndarray, ctx: int | None = None, stride: int | None = None,
+                   batch_size: int = 4, num_loops: int | None = None,
+                   progress: Callable[[int, int], None] | None = None) -> tuple[float, int]:
+        """exp(mean NLL) over `ids` with the strided windows of edgeloop.model.evaluate.perplexity
+        (default ctx = the export's context, stride = ctx // 2), windows of equal length run as one
+        batch; returns (ppl, tokens scored). `progress(done, total)` is called after each batch."""
+        L = self._loops(num_loops)
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        ctx = ctx or self.ctx
+        stride = stride or ctx // 2
+        if not 0 < stride < ctx:
+            raise RuntimeInputError(f"stride {stride}: must be in 1..ctx-1 (ctx {ctx}) so that every window "
+                                    "scores tokens with context")
+        if ctx > self.ctx:
+            raise ContextLengthError(f"ctx {ctx} is longer than the model's context {self.ctx}")
+        if len(ids) < 2:
+            raise RuntimeInputError(f"perplexity needs at least 2 tokens (got {len(ids)})")
+        if batch_size < 1:
+            raise RuntimeInputError(f"batch_size {batch_size}: must be positive")
+        wins = windows(len(ids), ctx, stride)
+        groups: list[list[tuple[int, int, int]]] = []
+        for w in wins:
+            if groups and len(groups[-1]) < batch_size and groups[-1][0][1] - groups[-1][0][0] == w[1] - w[0]:
+                groups[-1].append(w)
+            else:
+                groups.append([w])
+        nll, count, done = 0.0, 0, 0
+        for g in groups:
+            x = np.stack([ids[b:e - 1] for b, e, _ in g])
+            B, S = x.shape
+            logits, _ = self.forward(x, np.ones((B, S), np.int64), np.broadcast_to(np.arange(S), (B, S)).copy(),
+                                     self.empty_past(B), L)
+            for row, (b, e, s) in enumerate(g):
+                nll += nll_sum(logits[row, s - b - 1:], ids[s:e])
+                count += e - s
+            done += len(g)
+            if progress is not None:
+                progress(done, len(wins))
+        return float(np.exp(nll / count)), count
+
+    # ---- where the nodes run -------------------------------------------------------------------
+    def placement(self) -> dict[str, dict]:
+        """{provider: {"nodes": n, "ops": {op_type: n}}} of the nodes that ran in one short forward,
+        read from onnxruntime's profiling JSON (a profiling session is opened when profile=False)."""
+        if self._profile_dir is not None:  # the main session profiles: read everything it ran so far
+            if self._placement is None:
+                self.forward(*self._probe_feeds(), self.num_loops)
+                self._placement = placement_from_profile(self.session.end_profiling())
+            return self._placement
+        tmp = tempfile.mkdtemp(prefix="edgeloop-profile-")
+        try:
+            so = session_options(self.threads, self.mmap, self.prepack, True, os.path.join(tmp, "run"))
+            other = Runtime.__new__(Runtime)
+            other.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_cleanup"})
+            other.session = make_session(self.folder, self.providers, so, self.mmap)
+            other.forward(*self._probe_feeds(), self.num_loops)
+            return placement_from_profile(other.session.end_profiling())
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _probe_feeds(self):
+        x = np.array([[self.pad] * 4], np.int64)
+        return x, np.ones_like(x), np.arange(4, dtype=np.int64)[None], self.empty_past(1)
+
+    def close(self) -> None:
+        """Remove the profiling folder (profile=True); the session itself is freed with the object."""
+        if self._profile_dir is not None:
+            self._cleanup()
+            self._profile_dir = None

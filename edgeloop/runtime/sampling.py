@@ -1,0 +1,74 @@
+"""Torch-free pieces the runtime shares with the PyTorch reference: the strided perplexity windows,
+the line-batched encoding, token choice (greedy, temperature, top-k, top-p, repetition penalty) and
+the negative log-likelihood of targets under logits."""
+from __future__ import annotations
+
+import numpy as np
+
+from edgeloop.runtime.session import RuntimeInputError
+
+
+def windows(n_tokens: int, ctx: int, stride: int) -> list[tuple[int, int, int]]:
+    """Strided evaluation windows (begin, end, first scored index), the same as
+    edgeloop.model.evaluate.windows: every token after the first is scored once, with up to
+    ctx - stride tokens of left context."""
+    if ctx < 2 or not 0 < stride <= ctx:
+        raise ValueError(f"windows need ctx >= 2 and 0 < stride <= ctx (got ctx={ctx}, stride={stride})")
+    out: list[tuple[int, int, int]] = []
+    begin, scored = 0, 1
+    while scored < n_tokens:
+        end = min(begin + ctx, n_tokens)
+        out.append((begin, end, scored))
+        scored = end
+        begin = end - (ctx - stride)
+    return out
+
+
+def encode(tokenizer, text: str) -> np.ndarray:
+    """Token ids of `text` (int64), encoded line by line, as edgeloop.model.data.encode does."""
+    lines = text.splitlines(keepends=True)
+    ids = [i for enc in tokenizer.encode_batch(lines, add_special_tokens=False) for i in enc.ids]
+    return np.asarray(ids, dtype=np.int64)
+
+
+def nll_sum(logits: np.ndarray, targets: np.ndarray) -> float:
+    """Sum over positions of -log softmax(logits)[target]; logits [N, V], targets [N]."""
+    x = logits.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    lse = np.log(np.exp(x - m).sum(-1)) + m[:, 0]
+    return float((lse - x[np.arange(len(targets)), targets]).sum())
+
+
+def check_sampling(temperature: float, top_k: int, top_p: float, repetition_penalty: float) -> None:
+    if not temperature >= 0:
+        raise RuntimeInputError(f"temperature {temperature}: must be >= 0 (0 = greedy)")
+    if top_k < 0:
+        raise RuntimeInputError(f"top_k {top_k}: must be >= 0 (0 = off)")
+    if not 0 < top_p <= 1:
+        raise RuntimeInputError(f"top_p {top_p}: must be in (0, 1]")
+    if not repetition_penalty > 0:
+        raise RuntimeInputError(f"repetition_penalty {repetition_penalty}: must be > 0 (1 = off)")
+
+
+def choose(logits: np.ndarray, seen: list[int], rng: np.random.Generator, temperature: float = 0.0,
+           top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0) -> int:
+    """The next token from one row of logits [V]: repetition penalty on `seen` tokens (positive logits
+    divided, negative multiplied), then greedy (temperature 0) or a sample from the temperature-scaled
+    distribution cut to the top-k tokens and the top-p nucleus."""
+    x = logits.astype(np.float64)
+    if repetition_penalty != 1.0 and seen:
+        idx = np.unique(np.asarray(seen, dtype=np.int64))
+        v = x[idx]
+        x[idx] = np.where(v > 0, v / repetition_penalty, v * repetition_penalty)
+    if temperature <= 0:
+        return int(x.argmax())
+    x = x / temperature
+    order = np.argsort(-x, kind="stable")
+    if top_k:
+        order = order[:top_k]
+    p = np.exp(x[order] - x[order[0]])
+    p /= p.sum()
+    if top_p < 1.0:
+        keep = int(np.searchsorted(np.cumsum(p), top_p) + 1)  # smallest prefix with mass >= top_p
+        order, p = order[:keep], p[:keep] / p[:keep].sum()
+    return int(order[rng.choice(len(order), p=p)])

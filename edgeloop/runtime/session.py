@@ -1,0 +1,180 @@
+"""Opening an export folder with onnxruntime: folder and convention checks, execution providers,
+session options (threads, mmap'd external data, prepacking, profiling) and node placement.
+
+Every problem is a `RuntimeInputError` (a ValueError) with a one-line message.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+# the short names edgeloop accepts -> onnxruntime's provider names
+PROVIDERS: dict[str, str] = {
+    "cpu": "CPUExecutionProvider",
+    "webgpu": "WebGpuExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "nnapi": "NnapiExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+    "dml": "DmlExecutionProvider",
+}
+REQUIRED_FILES = ("model.onnx", "manifest.json")
+
+
+class RuntimeInputError(ValueError):
+    """A bad export folder, model, provider or request (one-line message)."""
+
+
+class NotAnExportError(RuntimeInputError):
+    """The folder is not an edgeloop export folder."""
+
+
+class ConventionError(RuntimeInputError):
+    """model.onnx's inputs/outputs do not follow the edgeloop KV-cache convention."""
+
+
+class ProviderUnavailableError(RuntimeInputError):
+    """The requested execution provider is not in this onnxruntime build (never swapped silently)."""
+
+
+class ContextLengthError(RuntimeInputError):
+    """A prompt is longer than the model's context."""
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """manifest.json of an export folder after checking the folder holds an export."""
+    if not folder.is_dir():
+        raise NotAnExportError(f"{folder}: no such export folder")
+    missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
+    if missing:
+        hint = " (a checkpoint folder? export it first: edgeloop export CKPT -o OUT)" \
+            if (folder / "model.safetensors").is_file() else ""
+        raise NotAnExportError(f"{folder}: not an edgeloop export folder ({', '.join(missing)} missing){hint}")
+    try:
+        m = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NotAnExportError(f"{folder / 'manifest.json'}: not valid JSON ({e})") from None
+    need = ("effective_layers", "num_loops", "max_seq_len", "config")
+    if not isinstance(m, dict) or any(k not in m for k in need):
+        lost = next(k for k in need if not isinstance(m, dict) or k not in m)
+        raise NotAnExportError(f"{folder / 'manifest.json'}: field '{lost}' is missing (not an edgeloop manifest)")
+    return m
+
+
+def provider_names(ep: str) -> list[str]:
+    """onnxruntime providers for `ep` (the EP first, CPU behind it for the nodes it does not take)."""
+    if ep not in PROVIDERS:
+        raise RuntimeInputError(f"--ep {ep!r}: unknown execution provider (one of {', '.join(PROVIDERS)})")
+    import onnxruntime as ort
+
+    name = PROVIDERS[ep]
+    available = ort.get_available_providers()
+    if name not in available:
+        have = ", ".join(k for k, v in PROVIDERS.items() if v in available) or "none"
+        raise ProviderUnavailableError(
+            f"execution provider '{ep}' ({name}) is not available in this onnxruntime {ort.__version__} build "
+            f"(available here: {have}); install the onnxruntime package built with it")
+    return [name] if ep == "cpu" else [name, PROVIDERS["cpu"]]
+
+
+def session_options(threads: int = 0, mmap: bool = True, prepack: bool = True, profile: bool = False,
+                    profile_prefix: str | None = None):
+    """SessionOptions: intra-op threads (0 = onnxruntime's default), prepacking on/off
+    (session.disable_prepacking), mmap of model files (session.use_memory_mapped_ort_model; ONNX
+    external data is mapped by onnxruntime itself when `mmap`, else read into memory, see make_session)."""
+    import onnxruntime as ort
+
+    if threads < 0:
+        raise RuntimeInputError(f"--threads {threads}: must be 0 (default) or positive")
+    so = ort.SessionOptions()
+    so.log_severity_level = 3  # num_loops is an input with a default: ORT warns about that by design
+    so.intra_op_num_threads = threads
+    so.add_session_config_entry("session.disable_prepacking", "0" if prepack else "1")
+    so.add_session_config_entry("session.use_memory_mapped_ort_model", "1" if mmap else "0")
+    if profile:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile_prefix or os.path.join(tempfile.gettempdir(), "edgeloop-profile")
+    return so
+
+
+def external_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("model.onnx.data*") if p.is_file())
+
+
+def make_session(folder: Path, providers: list[str], so, mmap: bool = True):
+    """An InferenceSession on folder/model.onnx; with mmap=False the external data files are read into
+    memory and handed to onnxruntime (otherwise onnxruntime maps them). Checks that the requested
+    provider really is in the session (onnxruntime can drop one whose libraries fail to load)."""
+    import onnxruntime as ort
+
+    keep = []
+    if not mmap:
+        files = external_files(folder)
+        if files:
+            keep = [np.fromfile(p, dtype=np.uint8) for p in files]
+            so.add_external_initializers_from_files_in_memory([p.name for p in files], keep, [len(b) for b in keep])
+    try:
+        sess = ort.InferenceSession(str(folder / "model.onnx"), so, providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeInputError(f"{folder / 'model.onnx'}: onnxruntime cannot load it ({first})") from None
+    if providers[0] not in sess.get_providers():
+        raise ProviderUnavailableError(f"execution provider {providers[0]} failed to initialise "
+                                       f"(onnxruntime fell back to {', '.join(sess.get_providers())})")
+    sess._edgeloop_buffers = keep  # the in-memory external data must outlive the session
+    return sess
+
+
+def check_convention(sess, n_layers: int, kv_heads: int, head_dim: int) -> bool:
+    """Raise ConventionError unless the session's inputs/outputs are edgeloop's; returns whether the
+    model takes `num_loops` (an overridable initializer; absent in unrolled exports)."""
+    kv = [f"past_key_values.{i}.{k}" for i in range(n_layers) for k in ("key", "value")]
+    want_in = {"input_ids": "tensor(int64)", "attention_mask": "tensor(int64)", "position_ids": "tensor(int64)",
+               **{n: "tensor(float)" for n in kv}}
+    have_in = {i.name: i for i in sess.get_inputs()}
+    want_out = {"logits", *(n.replace("past_key_values.", "present.", 1) for n in kv)}
+    have_out = {o.name for o in sess.get_outputs()}
+    where = "model.onnx does not follow the edgeloop KV convention"
+    for name, typ in want_in.items():
+        if name not in have_in:
+            raise ConventionError(f"{where}: input '{name}' is missing ({len(have_in)} inputs, "
+                                  f"{n_layers} effective layers expected)")
+        if have_in[name].type != typ:
+            raise ConventionError(f"{where}: input '{name}' is {have_in[name].type}, expected {typ}")
+        shape = have_in[name].shape
+        if name.startswith("past_") and (len(shape) != 4 or any(isinstance(d, int) and d != w for d, w in
+                                                                 zip(shape, (None, kv_heads, None, head_dim))
+                                                                 if w is not None)):
+            raise ConventionError(f"{where}: input '{name}' has shape {shape}, expected "
+                                  f"[batch, {kv_heads}, past, {head_dim}]")
+    extra = sorted(set(have_in) - set(want_in) - {"num_loops"})
+    if extra:
+        raise ConventionError(f"{where}: unexpected input '{extra[0]}'")
+    lost = sorted(want_out - have_out, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
+    if lost:
+        raise ConventionError(f"{where}: output '{lost[0]}' is missing")
+    loops = {i.name for i in [*sess.get_inputs(), *sess.get_overridable_initializers()]}
+    return "num_loops" in loops
+
+
+def placement_from_profile(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """{provider: {"nodes": n, "ops": {op_type: n}}} from an onnxruntime profiling JSON (the nodes that
+    ran, Loop-body nodes included)."""
+    with open(path, encoding="utf-8") as f:
+        events = json.load(f)
+    seen: dict[str, tuple[str, str]] = {}
+    for ev in events:
+        args = ev.get("args") or {}
+        if ev.get("cat") == "Node" and "provider" in args and str(ev.get("name", "")).endswith("_kernel_time"):
+            seen[ev["name"][: -len("_kernel_time")]] = (args["provider"], args.get("op_name", "?"))
+    by_provider: dict[str, Counter] = {}
+    for provider, op in seen.values():
+        by_provider.setdefault(provider, Counter())[op] += 1
+    return {p: {"nodes": sum(c.values()), "ops": dict(sorted(c.items()))} for p, c in sorted(by_provider.items())}
