@@ -1,0 +1,368 @@
+"""Import a looped-lm-scaling (nanochat) checkpoint folder into an edgeloop checkpoint folder.
+
+    import_nanochat(ckpt_dir, out_dir, step=None, tokenizer=None, overwrite=False) -> summary dict
+
+Input: `model_<step>.pt` (a torch state dict; loaded with weights_only=True only, so a pickle that tries
+to run code is refused, never executed) + `meta_<step>.json` (its `model_config`), the latest step by
+default, and a Hugging Face `tokenizer.json` beside it or given. Output: config.json, model.safetensors
+(float32), tokenizer files when there is a tokenizer, README.md. The model maps onto HyperloopConfig:
+hyperconnect -> hc="static" lanes (collapse "sum"); the other modes -> hc="none" with an injection.
+Every bad input is one NanochatImportError line naming what is wrong, raised before anything is written.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from edgeloop.io import check_output_dir
+from edgeloop.model.config import ConfigError, HyperloopConfig
+
+# GPTConfig defaults of looped-lm-scaling: its loader fills keys that an older meta file lacks with these
+DEFAULTS: dict[str, Any] = {
+    "sequence_len": 2048, "vocab_size": 32001, "size": 20, "n_head": 10, "n_kv_head": 10, "n_embd": 1280,
+    "n_prelude": 2, "n_recur_block": 4, "n_coda": 2, "num_recur": 4, "bptt_k": 4,
+    "input_injection": "inject_init_prelude", "num_lanes": 2, "logit_softcap": 15.0,
+}
+DEPRECATED = ("recur_warm_start", "sandwich_norm", "train_recur_mean", "train_recur_max")  # dropped by its loader
+INJECTION = {"inject_init_prelude": "inject", "passthrough": "passthrough", "additive": "additive",
+             "hyperconnect": None}
+SECTIONS = {"prelude": ("begin", "n_prelude"), "recur": ("middle", "n_recur_block"), "coda": ("end", "n_coda")}
+BLOCK_KEYS = {"attn.c_q.weight": "attn.c_q.weight", "attn.c_k.weight": "attn.c_k.weight",
+              "attn.c_v.weight": "attn.c_v.weight", "attn.c_proj.weight": "attn.c_proj.weight",
+              "mlp.c_fc.weight": "mlp.c_fc.weight", "mlp.c_proj.weight": "mlp.c_proj.weight",
+              "n1.weight": "norm1.weight", "n3.weight": "norm2.weight"}
+PADDED = ("transformer.wte.weight", "lm_head.weight")  # vocab rows padded up; pad rows are dropped
+FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+PREFIX = "_orig_mod."  # torch.compile's wrapper prefix
+MODEL_RE = re.compile(r"^model_(.+)\.pt$")
+
+
+class NanochatImportError(ValueError):
+    """The nanochat checkpoint folder is missing, unsafe or inconsistent (message names the part)."""
+
+
+# ---- the folder ---------------------------------------------------------------------------------------
+def checkpoint_steps(folder: str | os.PathLike) -> dict[str, Path]:
+    """Infix -> model file for every `model_<infix>.pt` in `folder` (infix: zero-padded step or an alias)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return {}
+    return {m.group(1): p for p in folder.iterdir() if (m := MODEL_RE.match(p.name)) and p.is_file()}
+
+
+def is_nanochat(path: str | os.PathLike) -> bool:
+    """True for a folder holding `model_<step>.pt` files and no edgeloop config.json."""
+    folder = Path(path)
+    return folder.is_dir() and not (folder / "config.json").exists() and bool(checkpoint_steps(folder))
+
+
+def resolve_step(folder: Path, step: int | str | None) -> tuple[str, Path, Path]:
+    """(infix, model file, meta file) of `step` (an int, digits or an alias), or of the latest numbered step."""
+    if not folder.is_dir():
+        raise NanochatImportError(f"{folder}: no such folder")
+    found = checkpoint_steps(folder)
+    numbered = {int(k): k for k in found if k.isdigit()}
+    if not found:
+        raise NanochatImportError(f"{folder}: no model_<step>.pt checkpoint in this folder")
+    if step is None:
+        if not numbered:
+            raise NanochatImportError(f"{folder}: no numbered model_<step>.pt (found {', '.join(sorted(found))})")
+        infix = numbered[max(numbered)]
+    elif isinstance(step, int) or str(step).isdigit():
+        infix = numbered.get(int(step))
+        if infix is None:
+            have = ", ".join(str(s) for s in sorted(numbered)) or "none"
+            raise NanochatImportError(f"{folder}: no checkpoint for step {int(step)} (steps: {have})")
+    else:
+        infix = str(step)
+        if infix not in found:
+            raise NanochatImportError(f"{folder}: no model_{infix}.pt (found {', '.join(sorted(found))})")
+    meta = folder / f"meta_{infix}.json"
+    if not meta.is_file():
+        raise NanochatImportError(f"{folder}: meta_{infix}.json is missing (it holds the model_config)")
+    return infix, found[infix], meta
+
+
+# ---- meta_<step>.json -> HyperloopConfig ------------------------------------------------------------
+def read_meta(path: Path) -> tuple[dict, dict]:
+    """(meta, model_config with the loader's migrations and defaults applied), validated field by field."""
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise NanochatImportError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
+        raise NanochatImportError(f"{path}: no 'model_config' object (not a looped-lm-scaling meta file)")
+    mc = dict(meta["model_config"])
+    if "train_recur_mean" in mc and "num_recur" not in mc:  # renamed key of older checkpoints
+        mc["num_recur"] = mc["train_recur_mean"]
+        if isinstance(mc["num_recur"], float) and mc["num_recur"].is_integer():
+            mc["num_recur"] = int(mc["num_recur"])
+    for key in DEPRECATED:
+        mc.pop(key, None)
+    unknown = sorted(set(mc) - set(DEFAULTS))
+    if unknown:
+        raise NanochatImportError(f"{path}: model_config key '{unknown[0]}' is unknown to this importer")
+    mc = {**DEFAULTS, **mc}
+
+    def bad(key: str, why: str) -> NanochatImportError:
+        return NanochatImportError(f"{path}: model_config '{key}' = {mc[key]!r}: {why}")
+
+    for key in ("sequence_len", "vocab_size", "n_head", "n_kv_head", "n_embd", "n_recur_block", "num_recur",
+                "num_lanes", "n_prelude", "n_coda"):
+        v, low = mc[key], 0 if key in ("n_prelude", "n_coda") else 1
+        if not isinstance(v, int) or isinstance(v, bool) or v < low:
+            raise bad(key, "must be an integer ≥ %d" % low)
+    if mc["input_injection"] not in INJECTION:
+        raise bad("input_injection", f"unknown injection mode (known: {', '.join(INJECTION)})")
+    if mc["input_injection"] == "hyperconnect" and mc["num_lanes"] < 2:
+        raise bad("num_lanes", "hyperconnect needs at least 2 lanes")
+    sc = mc["logit_softcap"]
+    if not isinstance(sc, (int, float)) or isinstance(sc, bool) or not math.isfinite(sc) or sc <= 0:
+        raise bad("logit_softcap", "must be a positive number (the forward divides by it)")
+    if mc["n_embd"] % mc["n_head"] or (mc["n_embd"] // mc["n_head"]) % 2:
+        raise bad("n_head", f"must divide n_embd={mc['n_embd']} into an even head_dim")
+    if mc["n_kv_head"] > mc["n_head"] or mc["n_head"] % mc["n_kv_head"]:
+        raise bad("n_kv_head", f"must divide n_head={mc['n_head']}")
+    return meta, mc
+
+
+def to_config(mc: dict, provenance: dict) -> HyperloopConfig:
+    """The HyperloopConfig computing exactly the nanochat GPT's forward for model_config `mc`."""
+    hc = mc["input_injection"] == "hyperconnect"
+    cfg = HyperloopConfig(
+        vocab_size=mc["vocab_size"], d_model=mc["n_embd"], n_heads=mc["n_head"], n_kv_heads=mc["n_kv_head"],
+        n_begin=mc["n_prelude"], n_middle=mc["n_recur_block"], n_end=mc["n_coda"], num_loops=mc["num_recur"],
+        hc="static" if hc else "none", n_streams=mc["num_lanes"] if hc else 1,
+        injection="passthrough" if hc else INJECTION[mc["input_injection"]], collapse="sum",
+        middle_norm=True, loop_embedding=False, mlp="relu2", mlp_hidden=4 * mc["n_embd"], qk_norm=True,
+        embed_norm=True, logit_softcap=float(mc["logit_softcap"]), tie_embeddings=False, rope_theta=10000.0,
+        rope_bf16=True, norm_eps=1e-6, max_seq_len=mc["sequence_len"], extra={"imported_from": provenance})
+    try:
+        return cfg.validate()
+    except ConfigError as e:
+        raise NanochatImportError(f"model_config does not map onto edgeloop: {e}") from None
+
+
+# ---- model_<step>.pt -> edgeloop tensors ------------------------------------------------------------
+def load_state(path: Path) -> dict[str, torch.Tensor]:
+    """The state dict of `path`, loaded with weights_only=True (a pickle naming any code is refused)."""
+    def load(mmap: bool):
+        return torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
+
+    try:
+        try:
+            sd = load(True)
+        except RuntimeError as e:  # a legacy (non-zip) torch.save file cannot be memory-mapped
+            if "mmap" not in str(e):
+                raise
+            sd = load(False)
+    except pickle.UnpicklingError as e:
+        why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
+        raise NanochatImportError(f"{path}: refused: the pickle references code or objects other than tensors "
+                                  f"(weights_only load; nothing was run: {why or str(e).splitlines()[0]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as e:
+        raise NanochatImportError(f"{path}: cannot be read as a torch checkpoint ({str(e).splitlines()[0]})") \
+            from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
+        raise NanochatImportError(f"{path}: expected a state dict (name -> tensor), got {type(sd).__name__}")
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        name = k.removeprefix(PREFIX)
+        if name in out:
+            raise NanochatImportError(f"{path}: tensor '{name}' is stored twice (with and without {PREFIX})")
+        out[name] = v
+    return out
+
+
+def key_map(mc: dict) -> dict[str, str]:
+    """nanochat tensor name -> edgeloop tensor name, for every tensor a checkpoint of `mc` holds."""
+    m = {"transformer.wte.weight": "embed.weight", "norm_emb.weight": "embed_norm.weight",
+         "norm_recur.weight": "middle_norm.weight", "norm_final.weight": "final_norm.weight",
+         "lm_head.weight": "lm_head.weight"}
+    for section, (ours, count) in SECTIONS.items():
+        for i in range(mc[count]):
+            for theirs, mine in BLOCK_KEYS.items():
+                m[f"transformer.{section}.{i}.{theirs}"] = f"{ours}.{i}.{mine}"
+    if mc["input_injection"] == "inject_init_prelude":
+        m["inject.weight"] = "inject.weight"
+    if mc["input_injection"] == "hyperconnect":
+        m.update({f"lane_{p}": f"hc.lane_{p}" for p in ("alpha", "mixing", "beta")})
+    return m
+
+
+def map_state(sd: dict[str, torch.Tensor], mc: dict, cfg: HyperloopConfig, path: Path) -> dict[str, torch.Tensor]:
+    """Validated float32 edgeloop tensors (pad rows dropped); names, shapes and dtypes checked first."""
+    from edgeloop.model.checkpoint import expected_tensors
+
+    names = key_map(mc)
+    missing, extra = sorted(set(names) - set(sd)), sorted(set(sd) - set(names))
+    if missing:
+        raise NanochatImportError(f"{path}: tensor '{missing[0]}' is missing ({len(missing)} missing in all; "
+                                  f"input_injection={mc['input_injection']})")
+    if extra:
+        raise NanochatImportError(f"{path}: unexpected tensor '{extra[0]}' ({len(extra)} unexpected in all; "
+                                  f"input_injection={mc['input_injection']})")
+    want = expected_tensors(cfg)
+    out = {}
+    for theirs, mine in names.items():
+        t = sd[theirs]
+        if not isinstance(t, torch.Tensor) or t.dtype not in FLOATS:
+            what = t.dtype if isinstance(t, torch.Tensor) else type(t).__name__
+            raise NanochatImportError(f"{path}: '{theirs}' is {what}; expected a float32/bfloat16/float16 tensor")
+        shape = tuple(t.shape)
+        if theirs in PADDED:
+            if len(shape) != 2 or shape[1] != cfg.d_model or shape[0] < cfg.vocab_size:
+                raise NanochatImportError(f"{path}: '{theirs}' has shape {shape}; model_config says "
+                                          f"(≥{cfg.vocab_size}, {cfg.d_model}) (vocab_size rows, padded)")
+            t = t[: cfg.vocab_size]
+        elif shape != want[mine]:
+            raise NanochatImportError(f"{path}: '{theirs}' has shape {shape}; model_config says {want[mine]}")
+        t = t.to(torch.float32).contiguous()
+        if not torch.isfinite(t).all():
+            raise NanochatImportError(f"{path}: '{theirs}' holds NaN or Inf values")
+        out[mine] = t
+    return out
+
+
+# ---- tokenizer, card --------------------------------------------------------------------------------
+def find_tokenizer(folder: Path, tokenizer: str | os.PathLike | None, vocab_size: int) -> Path | None:
+    """The tokenizer.json to copy (given, or beside the checkpoint), checked readable and within vocab_size."""
+    if tokenizer is None:
+        f = folder / "tokenizer.json"
+        if not f.is_file():
+            return None
+    else:
+        f = Path(tokenizer)
+        f = f / "tokenizer.json" if f.is_dir() else f
+        if not f.is_file():
+            raise NanochatImportError(f"--tokenizer {tokenizer}: no such tokenizer.json file")
+    from tokenizers import Tokenizer
+
+    try:
+        n = Tokenizer.from_file(str(f)).get_vocab_size(with_added_tokens=True)
+    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
+        raise NanochatImportError(f"{f}: cannot be read as a tokenizer ({str(e).splitlines()[0]})") from None
+    if n > vocab_size:
+        raise NanochatImportError(f"{f}: the tokenizer has {n} tokens; the model's vocab_size is {vocab_size}")
+    return f
+
+
+def tokenizer_config(f: Path, max_len: int) -> dict:
+    """tokenizer_config.json (Hugging Face convention): Llama-2 <s>/</s> when present (what nanochat uses)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(f))
+
+    def first(*cands):
+        return next((c for c in cands if tok.token_to_id(c) is not None), None)
+
+    bos, eos = first("<s>", "<|bos|>", "<|endoftext|>"), first("</s>", "<|endoftext|>", "<|assistant_end|>")
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": eos,
+            "unk_token": first("<unk>"), "pad_token": eos, "model_max_length": max_len,
+            "clean_up_tokenization_spaces": False}
+
+
+def model_card(cfg: HyperloopConfig, prov: dict, params: int) -> str:
+    mode = prov["model_config"]["input_injection"]
+    hc = (f"static lanes, n = {cfg.n_streams} (hyperconnect), collapse sum" if cfg.hc == "static"
+          else f"none, injection = {cfg.injection} ({mode})")
+    return f"""---
+library_name: edgeloop
+tags: [looped-transformer, imported, looped-lm-scaling]
+---
+# {Path(prov['source']).name} (step {prov['step']}), imported
+
+Imported by `edgeloop import-nanochat` from the looped-lm-scaling (nanochat) checkpoint
+`{prov['source']}/{prov['model_file']}` + `{prov['meta_file']}` (format of
+https://github.com/kschwethelm/looped-lm-scaling). The weights are the source's, unchanged (stored float32;
+bf16 tensors widened exactly); their licence is the source's.
+
+| field | value |
+|---|---|
+| layout | prelude {cfg.n_begin} → recur {cfg.n_middle} × {cfg.num_loops} → coda {cfg.n_end} |
+| hyper-connections | {hc} |
+| width | d = {cfg.d_model}, {cfg.n_heads} heads, {cfg.n_kv_heads} KV heads, relu² MLP {cfg.mlp_hidden} |
+| vocabulary | {cfg.vocab_size} (source rows {prov['padded_vocab']}, pad rows dropped) |
+| logit soft-cap | {cfg.logit_softcap:g} |
+| context | {cfg.max_seq_len} (training sequence_len); rotary θ 10000, bf16 tables |
+| parameters | {params:,} |
+| source step / tokens / val loss | {prov['step']} / {prov.get('tokens')} / {prov.get('val_loss')} |
+"""
+
+
+# ---- the verbs ----------------------------------------------------------------------------------------
+def import_nanochat(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | str | None = None,
+                    tokenizer: str | os.PathLike | None = None, overwrite: bool = False) -> dict:
+    """Convert a nanochat checkpoint folder into an edgeloop checkpoint folder (atomically); a summary dict."""
+    from edgeloop.model.checkpoint import save_checkpoint
+    from edgeloop.model.model import Hyperloop, rope_tables
+
+    folder, out = Path(ckpt_dir), Path(out_dir)
+    check_output_dir(out, overwrite)
+    if out.resolve() == folder.resolve():
+        raise NanochatImportError(f"{out}: the output folder must differ from the checkpoint folder")
+    infix, model_file, meta_file = resolve_step(folder, step)
+    meta, mc = read_meta(meta_file)
+    tok = find_tokenizer(folder, tokenizer, mc["vocab_size"])
+    sd = load_state(model_file)
+    padded = sd["transformer.wte.weight"].shape[0] if isinstance(sd.get("transformer.wte.weight"), torch.Tensor) \
+        else None
+    prov = {"format": "looped-lm-scaling (nanochat)", "source": str(folder.resolve()), "model_file": model_file.name,
+            "meta_file": meta_file.name, "step": meta.get("step", int(infix) if infix.isdigit() else infix),
+            "tokens": meta.get("tokens"), "val_loss": meta.get("val_loss"), "model_config": meta["model_config"],
+            "padded_vocab": padded}
+    cfg = to_config(mc, prov)
+    state = map_state(sd, mc, cfg, model_file)
+    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in sd.values() if isinstance(v, torch.Tensor)})
+    del sd
+    with torch.device("meta"):
+        model = Hyperloop(cfg)
+    model.load_state_dict(state, strict=True, assign=True)
+    model.rope_cos, model.rope_sin = rope_tables(cfg, cfg.max_seq_len)
+    params = sum(p.numel() for p in model.parameters())
+    files = {"README.md": model_card(cfg, prov, params)}
+    if tok is not None:
+        files["tokenizer.json"] = tok.read_text(encoding="utf-8")
+        files["tokenizer_config.json"] = json.dumps(tokenizer_config(tok, cfg.max_seq_len), indent=2) + "\n"
+    save_checkpoint(model.eval(), out, dtype=torch.float32, overwrite=overwrite, extra_files=files)
+    return {"source": str(folder), "output": str(out), "step": prov["step"], "model_file": model_file.name,
+            "input_injection": mc["input_injection"], "hc": cfg.hc, "injection": cfg.injection,
+            "n_streams": cfg.n_streams, "tensors": len(state), "params": params, "source_dtypes": dtypes,
+            "stored_dtype": "float32", "vocab_size": cfg.vocab_size, "padded_vocab": padded,
+            "tokenizer": str(tok) if tok is not None else None, "config": cfg.to_dict()}
+
+
+def as_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+    """`path` itself unless it is a nanochat folder; then import it (latest step) into `out_dir`, return that."""
+    if not is_nanochat(path):
+        return Path(path)
+    import_nanochat(path, out_dir, overwrite=overwrite)
+    return Path(out_dir)
+
+
+@contextlib.contextmanager
+def temporary_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike,
+                         overwrite: bool = False) -> Iterator[Path]:
+    """`path` itself, or (a nanochat folder) its import into a temporary folder beside `out_dir`, removed on
+    exit. `out_dir` is checked first, so a refused output costs no import."""
+    if not is_nanochat(path):
+        yield Path(path)
+        return
+    out = check_output_dir(out_dir, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
+    try:
+        yield as_checkpoint(path, work / Path(path).resolve().name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
