@@ -102,20 +102,36 @@ def inspect(
         t.add_row("validation perplexity", f"{s['val_ppl']:.3f} on {s['val_tokens']:,} tokens")
     out.print(t)
     if tensors:
-        tt = Table("tensor", "shape", "dtype", "role", "bytes")
+        from edgeloop.model.config import HyperloopConfig
+        from edgeloop.quantize.config import describe
+
+        mcfg = HyperloopConfig.from_dict(c)
+        tt = Table("tensor", "shape", "dtype", "role", "bytes", "INT4 policy")
         for x in s["tensors"]:
-            tt.add_row(x["name"], str(x["shape"]), x["dtype"], x["role"], f"{x['bytes']:,}")
+            tt.add_row(x["name"], str(x["shape"]), x["dtype"], x["role"], f"{x['bytes']:,}",
+                       describe(x["name"], tuple(x["shape"]), mcfg, s["quantization_config"]))
         out.print(tt)
 
 
 @app.command()
 def generate(
-    model_dir: Path = typer.Argument(..., help="a checkpoint folder"),
+    model_dir: Path = typer.Argument(..., help="a checkpoint folder (PyTorch) or an export folder (onnxruntime)"),
     prompt: str = typer.Option(..., help="text to continue"),
     max_new_tokens: int = typer.Option(64), temperature: float = typer.Option(0.0), top_k: int = typer.Option(0),
     seed: int = typer.Option(0), num_loops: Optional[int] = typer.Option(None, help="loops to run (≤ trained r)"),
+    top_p: float = typer.Option(1.0, help="export folders: nucleus sampling mass"),
+    repetition_penalty: float = typer.Option(1.0, help="export folders: >1 discourages repeats"),
+    ep: str = typer.Option("cpu", help="export folders: execution provider (cpu, webgpu, cuda, coreml, nnapi, "
+                                       "qnn, dml)"),
+    threads: int = typer.Option(0, help="export folders: intra-op threads (0 = default)"),
 ):
     """Continue a prompt, streaming text to the terminal."""
+    if (model_dir / "model.onnx").is_file():  # an export folder: the onnxruntime runtime
+        from edgeloop.runtime.report import stream_generate
+
+        stream_generate(out, model_dir, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                        seed, num_loops, ep, threads)
+        return
     from edgeloop.model.checkpoint import load_model, load_tokenizer
     from edgeloop.model.evaluate import generate as gen
 
@@ -178,6 +194,171 @@ def export_cmd(
               f"max |logit error| {p['max_abs_err']:.2e} ≤ {p['tolerance']:g} vs {p['reference']} PyTorch "
               f"(num_loops {', '.join(p['by_num_loops'])}; prefill + {ec.decode_steps} decode steps)")
     out.print(t)
+
+
+@app.command()
+def quantize(
+    in_dir: Path = typer.Argument(..., help="a float checkpoint folder"),
+    out_dir: Path = typer.Option(..., "-o", "--out", help="quantized checkpoint folder to write"),
+    bits: int = typer.Option(4, help="weight bits (4 only)"),
+    group_size: int = typer.Option(128, help="K elements per scale: 16, 32, 64, 128 or 256"),
+    method: str = typer.Option("rtn", help="rtn or gptq"),
+    sym: bool = typer.Option(False, "--sym", help="symmetric (implicit zero point 8) instead of uint4 zero points"),
+    scale_dtype: str = typer.Option("float16", help="float16 or float32"),
+    keep_dtype: str = typer.Option("float32", help="dtype of tensors kept unquantized: float32 or float16"),
+    quantize_embedding: Optional[bool] = typer.Option(None, "--quantize-embedding/--keep-embedding",
+                                                      help="INT4 the embedding (and a tied lm_head)"),
+    quantize_lm_head: Optional[bool] = typer.Option(None, "--quantize-lm-head/--keep-lm-head",
+                                                    help="INT4 an untied lm_head"),
+    quantize_hc: bool = typer.Option(False, "--quantize-hc", help="INT4 the hyper-connection matrices too (to measure)"),
+    calib_text: Optional[Path] = typer.Option(None, help="UTF-8 calibration text (default: demo corpus train split)"),
+    calib_samples: int = typer.Option(128, help="calibration windows (gptq)"),
+    calib_seq_len: int = typer.Option(256, help="tokens per calibration window (gptq)"),
+    act_order: bool = typer.Option(False, "--act-order", help="gptq: quantize columns by decreasing Hessian diagonal"),
+    seed: int = typer.Option(0, help="calibration window sampling seed"),
+    overwrite: bool = typer.Option(False),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
+):
+    """INT4 weight-only group quantization (RTN or loop-aware GPTQ) of a checkpoint folder."""
+    from edgeloop.quantize import QuantConfig, quantize_checkpoint
+
+    defaults = QuantConfig()
+    q = QuantConfig(bits=bits, group_size=group_size, sym=sym, algorithm=method, scale_dtype=scale_dtype,
+                    keep_dtype=keep_dtype, quantize_hc=quantize_hc,
+                    quantize_embedding=defaults.quantize_embedding if quantize_embedding is None else quantize_embedding,
+                    quantize_lm_head=defaults.quantize_lm_head if quantize_lm_head is None else quantize_lm_head,
+                    calib_text=str(calib_text) if calib_text else None, calib_samples=calib_samples,
+                    calib_seq_len=calib_seq_len, seed=seed, act_order=act_order)
+    from edgeloop.importers.nanochat import temporary_checkpoint
+
+    with temporary_checkpoint(in_dir, out_dir, overwrite) as src:  # a nanochat folder is imported first
+        r = quantize_checkpoint(src, out_dir, q, overwrite=overwrite, progress=not as_json)
+    if as_json:
+        out.print_json(json.dumps(r))
+        return
+    t = Table(title=f"{in_dir} → {out_dir}", show_header=False)
+    t.add_row("method", f"INT4 {method}, G={group_size}, {'sym' if sym else 'asym'}, {scale_dtype} scales, "
+                        f"kept tensors {keep_dtype}")
+    t.add_row("tensors quantized", f"{r['tensors_quantized']}")
+    why: dict[str, int] = {}
+    for reason in r["kept"].values():
+        why[reason] = why.get(reason, 0) + 1
+    t.add_row("tensors kept", f"{r['tensors_kept']}: " + "; ".join(f"{n} {w}" for w, n in why.items()))
+    t.add_row("bytes", f"{r['bytes_before']:,} → {r['bytes_after']:,} ({r['compression_ratio']:.2f}× smaller; "
+                       f"{r['ratio_vs_fp32']:.3f}× of fp32)")
+    if r["linear_ratio_vs_fp32"] is not None:
+        t.add_row("quantized linears", f"{r['linear_bytes_fp32']:,} fp32 → {r['linear_bytes_after']:,} "
+                                       f"({r['linear_ratio_vs_fp32']:.3f}× of fp32)")
+    if r["layers"] and "gptq_err" in r["layers"][0]:
+        g = sum(x["gptq_err"] for x in r["layers"]) / len(r["layers"])
+        n = sum(x["rtn_err"] for x in r["layers"]) / len(r["layers"])
+        t.add_row("calibration", f"{r['calibration']['samples']} × {r['calibration']['seq_len']} tokens; mean "
+                                 f"relative layer output error gptq {g:.2e} vs rtn {n:.2e}")
+    t.add_row("time", f"{r['seconds']:.1f} s")
+    out.print(t)
+
+
+@app.command("import-nanochat")
+def import_nanochat_cmd(
+    ckpt_dir: Path = typer.Argument(..., help="looped-lm-scaling folder: model_<step>.pt + meta_<step>.json"),
+    out_dir: Path = typer.Option(..., "-o", "--out", help="edgeloop checkpoint folder to write"),
+    step: Optional[str] = typer.Option(None, help="step (or alias) to import (default: the latest)"),
+    tokenizer: Optional[Path] = typer.Option(None, help="tokenizer.json (default: the one beside the checkpoint)"),
+    overwrite: bool = typer.Option(False),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
+):
+    """Convert a looped-lm-scaling (nanochat) checkpoint into an edgeloop checkpoint folder (weights_only load)."""
+    from edgeloop.importers.nanochat import import_nanochat
+
+    s = import_nanochat(ckpt_dir, out_dir, step=step, tokenizer=tokenizer, overwrite=overwrite)
+    if as_json:
+        out.print_json(json.dumps(s))
+        return
+    c = s["config"]
+    t = Table(title=f"{ckpt_dir} ({s['model_file']}) → {out_dir}", show_header=False)
+    t.add_row("mode", f"{s['input_injection']} → hc {s['hc']}" + (
+        f", {s['n_streams']} lanes" if s["hc"] == "static" else f", injection {s['injection']}"))
+    t.add_row("layout", f"begin {c['n_begin']} → middle {c['n_middle']} × {c['num_loops']} → end {c['n_end']}")
+    t.add_row("tensors", f"{s['tensors']} ({s['params']:,} parameters), {'/'.join(s['source_dtypes'])} → float32")
+    t.add_row("vocabulary", f"{s['vocab_size']} (pad rows dropped from {s['padded_vocab']})")
+    t.add_row("tokenizer", s["tokenizer"] or "none found (pass --tokenizer for eval / gptq / generate)")
+    out.print(t)
+
+
+@app.command("eval")
+def eval_cmd(
+    model_dir: Path = typer.Argument(..., help="an export folder"),
+    reference: Optional[Path] = typer.Option(None, help="the float PyTorch checkpoint (default: the export's "
+                                             "recorded float source)"),
+    ep: str = typer.Option("cpu", help="execution provider: cpu, webgpu, cuda, coreml, nnapi, qnn, dml"),
+    tokens: int = typer.Option(8192, help="tokens of text to score"),
+    text: Optional[Path] = typer.Option(None, help="UTF-8 text file (default: the demo validation split)"),
+    num_loops: Optional[int] = typer.Option(None, help="loops to run (≤ trained r; both models)"),
+    batch_size: int = typer.Option(4, help="windows per onnxruntime call"),
+    threads: int = typer.Option(0, help="intra-op threads (0 = default)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Perplexity of an export vs the fp32 PyTorch reference on the same tokens (drift, absolute and %)."""
+    from edgeloop.runtime.report import run_eval
+
+    run_eval(out, err, model_dir, reference, ep, tokens, text, num_loops, batch_size, threads, as_json)
+
+
+@app.command()
+def bench(
+    model_dir: Path = typer.Argument(..., help="an export folder"),
+    ep: str = typer.Option("cpu", help="execution provider: cpu, webgpu, cuda, coreml, nnapi, qnn, dml"),
+    threads: int = typer.Option(0, help="intra-op threads (0 = default)"),
+    prefill_tokens: int = typer.Option(128), decode_tokens: int = typer.Option(256),
+    context: Optional[int] = typer.Option(None, help="context length for the KV-cache size (default: the model's)"),
+    num_loops: Optional[int] = typer.Option(None, help="loops to run (≤ trained r)"),
+    reference: Optional[Path] = typer.Option(None, help="another export (e.g. fp32) to report ratios against"),
+    sweep: bool = typer.Option(False, "--sweep", help="perplexity and tokens/s for num_loops = 1..r"),
+    plot: Optional[Path] = typer.Option(None, help="PNG of the sweep (implies --sweep)"),
+    sweep_tokens: int = typer.Option(2048, help="tokens of text per sweep perplexity"),
+    text: Optional[Path] = typer.Option(None, help="text for the sweep (default: the demo validation split)"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+):
+    """Memory footprint and latency of an export (fresh subprocess), and the elastic-depth sweep."""
+    from edgeloop.runtime.report import run_bench
+
+    run_bench(out, err, model_dir, ep, threads, prefill_tokens, decode_tokens, context, num_loops, reference, sweep,
+              plot, sweep_tokens, text, as_json)
+
+
+@app.command("run")
+def run_cmd(
+    checkpoint: Path = typer.Argument(..., help="a float checkpoint folder"),
+    out_dir: Path = typer.Option(..., "-o", "--out", help="folder for every stage's output and the report"),
+    method: str = typer.Option("gptq", help="rtn or gptq"), group_size: int = typer.Option(128),
+    sym: bool = typer.Option(False), format: str = typer.Option("matmulnbits", help="matmulnbits or qdq"),
+    accuracy_level: int = typer.Option(0), ep: str = typer.Option("cpu"),
+    eval_tokens: int = typer.Option(8192), sweep: bool = typer.Option(True, help="num_loops sweep + plot"),
+    threads: int = typer.Option(0), overwrite: bool = typer.Option(False),
+    as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object"),
+):
+    """The main job: quantize -> export -> eval -> bench, ending in one report (table, report.json, report.md)."""
+    from edgeloop.run import RunConfig, headline, run
+
+    rc = RunConfig(method=method, group_size=group_size, sym=sym, format=format, accuracy_level=accuracy_level,
+                   ep=ep, eval_tokens=eval_tokens, sweep=sweep, threads=threads)
+    with err.status("run") as status:
+        r = run(checkpoint, out_dir, rc, overwrite=overwrite, step=lambda msg: status.update(f"run: {msg}"))
+    if as_json:
+        out.print_json(json.dumps(r, default=str))
+        return
+    t = Table(title=f"edgeloop run {checkpoint} → {out_dir}", show_header=False)
+    for k, v in headline(r):
+        t.add_row(k, v)
+    out.print(t)
+    if r["sweep"]:
+        s = Table("num_loops", "effective layers", "perplexity", "decode tok/s", title="elastic depth (INT4)")
+        for row in r["sweep"]:
+            s.add_row(str(row["num_loops"]), str(row["effective_layers"]), f"{row['ppl']:.3f}",
+                      f"{row['decode_tokens_per_s']:.1f}")
+        out.print(s)
+    out.print(f"report: {out_dir / 'report.md'}, {out_dir / 'report.json'}" + (
+        f", {out_dir / 'sweep.png'}" if r["sweep"] else ""))
 
 
 def main() -> None:

@@ -2,6 +2,7 @@
 
     CKPT --quantize--> OUT/int4 --export--> OUT/onnx-int4   (INT4, the middle block one Loop)
     CKPT --export----> OUT/onnx-fp32                         (the fp32 export: ratios and a parity control)
+    a looped-lm-scaling (nanochat) CKPT is first imported into OUT/imported (edgeloop.importers.nanochat)
     eval:  perplexity drift of each export vs the fp32 PyTorch reference on the same tokens
     bench: footprint + latency of both exports (fresh subprocesses), num_loops sweep of the INT4 one
     OUT/report.json, OUT/report.md, OUT/sweep.png
@@ -11,6 +12,7 @@ Each stage writes its folder atomically; the report comes last.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -38,6 +40,7 @@ class RunConfig:
 def run(ckpt: str | Path, out: str | Path, rc: RunConfig, *, overwrite: bool = False,
         step: Callable[[str], None] = lambda msg: None) -> dict:
     from edgeloop.export import ExportConfig, export_checkpoint
+    from edgeloop.importers.nanochat import as_checkpoint, is_nanochat
     from edgeloop.model.checkpoint import load_config, read_config
     from edgeloop.quantize import QuantConfig, quantize_checkpoint
     from edgeloop.runtime import Runtime
@@ -46,15 +49,27 @@ def run(ckpt: str | Path, out: str | Path, rc: RunConfig, *, overwrite: bool = F
     from edgeloop.runtime.session import provider_names
 
     ckpt, out = Path(ckpt), Path(out)
+    source, staged = ckpt, None
     t0 = time.time()
-    load_config(ckpt)  # a bad checkpoint fails here, before anything is written
-    if read_config(ckpt).get("quantization_config"):
-        raise ValueError(f"{ckpt} is already quantized: `edgeloop run` starts from a float checkpoint")
-    provider_names(rc.ep)  # an unavailable provider fails before the long stages
     check_output_dir(out, overwrite)
-    if out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True)
+    if is_nanochat(ckpt):  # looped-lm-scaling checkpoint: import it first (staged beside OUT, then OUT/imported)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staged = out.parent / f".{out.name}.import-{os.getpid()}"
+        ckpt = as_checkpoint(ckpt, staged, overwrite=True)
+    try:
+        load_config(ckpt)  # a bad checkpoint fails here, before anything is written
+        if read_config(ckpt).get("quantization_config"):
+            raise ValueError(f"{ckpt} is already quantized: `edgeloop run` starts from a float checkpoint")
+        provider_names(rc.ep)  # an unavailable provider fails before the long stages
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        if staged is not None:
+            ckpt = out / "imported"
+            os.rename(staged, ckpt)
+    finally:
+        if staged is not None:
+            shutil.rmtree(staged, ignore_errors=True)
     timings: dict[str, float] = {}
 
     def stage(name: str, fn):
@@ -82,8 +97,9 @@ def run(ckpt: str | Path, out: str | Path, rc: RunConfig, *, overwrite: bool = F
             ids = evaluation_ids(out / "onnx-int4", None, min(rc.eval_tokens, 4096))
             return sweep(rt, ids, decode_tokens=64)
         rows = stage("sweep num_loops", do_sweep)
-        plot_sweep(rows, out / "sweep.png", f"{ckpt.name} INT4: elastic depth")
-    report = {"checkpoint": str(ckpt), "out": str(out), "config": asdict(rc), "seconds": round(time.time() - t0, 1),
+        plot_sweep(rows, out / "sweep.png", f"{source.name} INT4: elastic depth")
+    report = {"checkpoint": str(source), "out": str(out), "imported": str(ckpt) if staged is not None else None,
+              "config": asdict(rc), "seconds": round(time.time() - t0, 1),
               "timings_s": timings, "quantize": _slim(quant), "export": {"int4": exp_int4, "fp32": exp_fp32},
               "eval": {"int4": drift, "fp32": drift_fp32}, "bench": bench,
               "int4_over_fp32": ratios(bench["int4"], bench["fp32"]), "sweep": rows}
