@@ -60,6 +60,9 @@ class Runtime:
             self._cleanup = weakref.finalize(self, shutil.rmtree, self._profile_dir, True)
         so = session_options(threads, mmap, prepack, profile,
                              os.path.join(self._profile_dir, "run") if profile else None)
+        if self.manifest.get("accuracy_level") is not None:  # QDQ: ORT's DQ+MatMul fusion would use level 4
+            so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level",
+                                        str(self.manifest["accuracy_level"]))
         self.session = make_session(self.folder, self.providers, so, mmap)
         self.has_num_loops = check_convention(self.session, self.n_layers, self.kv_heads, self.head_dim)
         self.out_names = [o.name for o in self.session.get_outputs()]

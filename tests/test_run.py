@@ -1,0 +1,23 @@
+"""The main job end to end on a tiny model: every stage's folder and the report."""
+import json
+
+from edgeloop.model.checkpoint import save_checkpoint
+from edgeloop.model.data import train_tokenizer
+from edgeloop.run import RunConfig, run
+from tests.conftest import perturbed
+
+
+def test_run_writes_every_stage_and_the_report(tmp_path):
+    tok = train_tokenizer("And God said, Let there be light: and there was light.\n" * 60, 320)
+    save_checkpoint(perturbed("test-dynamic"), tmp_path / "ck", tokenizer=tok)
+    r = run(tmp_path / "ck", tmp_path / "out", RunConfig(method="rtn", group_size=32, eval_tokens=600,
+                                                        decode_tokens=16, prefill_tokens=16))
+    out = tmp_path / "out"
+    for name in ("int4", "onnx-int4", "onnx-fp32", "report.json", "report.md", "sweep.png"):
+        assert (out / name).exists(), name
+    rep = json.loads((out / "report.json").read_text())
+    assert rep["export"]["int4"]["graph"]["loop"] and rep["export"]["int4"]["parity"]["max_abs_err"] <= 1e-3
+    assert abs(rep["eval"]["fp32"]["drift_pct"]) < 0.01
+    assert len(rep["sweep"]) == 3 and all(s["ppl"] > 1 for s in rep["sweep"])
+    assert rep["bench"]["int4"]["file_bytes"] < rep["bench"]["fp32"]["file_bytes"]
+    assert "drift INT4" in (out / "report.md").read_text() and r["int4_over_fp32"]["file_bytes"] < 1
