@@ -8,18 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from edgeloop.model.model import Hyperloop, KVCache
-
-
-def windows(n_tokens: int, ctx: int, stride: int) -> list[tuple[int, int, int]]:
-    """Strided evaluation windows (begin, end, first scored index): every token after the first is
-    scored exactly once, with up to ctx - stride tokens of left context."""
-    out, begin, scored = [], 0, 1
-    while scored < n_tokens:
-        end = min(begin + ctx, n_tokens)
-        out.append((begin, end, scored))
-        scored = end
-        begin = end - (ctx - stride)
-    return out
+from edgeloop.strided import windows
 
 
 @torch.no_grad()

@@ -10,7 +10,6 @@ reads one input tensor at a time from a freshly opened memory map, so peak memor
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -21,7 +20,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from edgeloop.io import atomic_dir, check_output_dir, write_json
+from edgeloop.io import atomic_dir, check_output_dir, file_sha256, write_json
 from edgeloop.model.checkpoint import (FLOAT_DTYPES, TOKENIZER_FILES, CheckpointError, check_finite,
                                        expected_tensors, load_config, open_safetensors, read_config,
                                        read_tensor)
@@ -77,14 +76,6 @@ def read_one(st: Path, name: str) -> torch.Tensor:
     """One tensor, from a memory map opened and closed around it (its pages leave the process)."""
     with open_safetensors(st) as f:
         return read_tensor(f, name, st)
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 24), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---- input validation and the output plan ----------------------------------------------------

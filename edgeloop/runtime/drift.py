@@ -11,7 +11,6 @@ This module imports torch (the reference is the PyTorch model); the Runtime itse
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Callable
 
 import numpy as np
 
+from edgeloop.io import file_sha256
 from edgeloop.runtime.session import RuntimeInputError, read_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,14 +29,6 @@ def _config(folder: Path) -> dict | None:
         return json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def float_source(quantized: Path) -> Path | None:
@@ -54,7 +46,7 @@ def float_source(quantized: Path) -> Path | None:
         cfg = _config(c)
         if not st.is_file() or cfg is None or cfg.get("quantization_config"):
             continue
-        if src.get("sha256") and _sha256(st) != src["sha256"]:
+        if src.get("sha256") and file_sha256(st) != src["sha256"]:
             continue
         return c
     return None

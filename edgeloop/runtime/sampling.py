@@ -5,23 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgeloop.strided import windows  # noqa: F401  (re-exported: the runtime's public API)
+
 from edgeloop.runtime.session import RuntimeInputError
-
-
-def windows(n_tokens: int, ctx: int, stride: int) -> list[tuple[int, int, int]]:
-    """Strided evaluation windows (begin, end, first scored index), the same as
-    edgeloop.model.evaluate.windows: every token after the first is scored once, with up to
-    ctx - stride tokens of left context."""
-    if ctx < 2 or not 0 < stride <= ctx:
-        raise ValueError(f"windows need ctx >= 2 and 0 < stride <= ctx (got ctx={ctx}, stride={stride})")
-    out: list[tuple[int, int, int]] = []
-    begin, scored = 0, 1
-    while scored < n_tokens:
-        end = min(begin + ctx, n_tokens)
-        out.append((begin, end, scored))
-        scored = end
-        begin = end - (ctx - stride)
-    return out
 
 
 def encode(tokenizer, text: str) -> np.ndarray:

@@ -24,10 +24,15 @@ def rt(tiny):
     return Runtime(tiny["loop"], threads=1)
 
 
-def test_windows_equal_the_reference():
+def test_windows_are_the_references_and_score_every_token_once():
+    assert windows is torch_windows  # one definition (edgeloop.strided) for both
     for n in (2, 3, 10, 127, 128, 129, 1000, 4097):
-        for ctx, stride in ((128, 64), (128, 128), (64, 1), (512, 256), (7, 3)):
-            assert windows(n, ctx, stride) == torch_windows(n, ctx, stride), (n, ctx, stride)
+        for ctx, stride in ((128, 64), (128, 127), (64, 1), (512, 256), (7, 3)):
+            scored = [t for _, end, first in windows(n, ctx, stride) for t in range(first, end)]
+            assert scored == list(range(1, n)), (n, ctx, stride)
+            assert all(end - begin <= ctx for begin, end, _ in windows(n, ctx, stride))
+    with pytest.raises(ValueError, match="stride < ctx"):
+        windows(100, 64, 64)  # the first token of each window would have no context
 
 
 def test_encode_equals_the_data_stage(tiny):
