@@ -1,6 +1,7 @@
 """Shared fixtures: small perturbed models of every variant and the shipped demo model."""
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,17 @@ def demo_dir() -> Path:
     if not (DEMO / "model.safetensors").is_file():
         pytest.fail(f"the shipped demo model is missing at {DEMO}")
     return DEMO
+
+
+def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """`edgeloop ARGS` in this process: (exit code, stdout, stderr)."""
+    from edgeloop import cli
+
+    monkeypatch.setattr(sys, "argv", ["edgeloop", *map(str, args)])
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code or 0
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err

@@ -78,17 +78,21 @@ def check_finite(name: str, t: torch.Tensor) -> None:
         raise CheckpointError(f"tensor '{name}' holds NaN or Inf values")
 
 
+def check_keys(st: Path, want: set[str], have: set[str]) -> None:
+    """The file holds exactly the expected tensor names (the error names the first offender)."""
+    missing, unexpected = sorted(want - have), sorted(have - want)
+    if missing:
+        raise CheckpointError(f"{st}: tensor '{missing[0]}' is missing ({len(missing)} missing in all)")
+    if unexpected:
+        raise CheckpointError(f"{st}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} unexpected in all)")
+
+
 def load_state(path: str | os.PathLike, cfg: HyperloopConfig) -> dict[str, torch.Tensor]:
     """The validated float state dict of a checkpoint folder (tensors in their stored dtype)."""
     st = Path(path) / "model.safetensors"
     want = expected_tensors(cfg)
     with open_safetensors(st) as f:
-        have = set(f.keys())
-        missing, unexpected = sorted(set(want) - have), sorted(have - set(want))
-        if missing:
-            raise CheckpointError(f"{st}: tensor '{missing[0]}' is missing ({len(missing)} missing in all)")
-        if unexpected:
-            raise CheckpointError(f"{st}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} unexpected in all)")
+        check_keys(st, set(want), set(f.keys()))
         state = {}
         for name in want:
             t = read_tensor(f, name, st)

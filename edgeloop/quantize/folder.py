@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 import torch
 
 from edgeloop.io import atomic_dir, check_output_dir, file_sha256, write_json
-from edgeloop.model.checkpoint import (FLOAT_DTYPES, TOKENIZER_FILES, CheckpointError, check_finite,
+from edgeloop.model.checkpoint import (FLOAT_DTYPES, TOKENIZER_FILES, CheckpointError, check_finite, check_keys,
                                        expected_tensors, load_config, open_safetensors, read_config,
                                        read_tensor)
 from edgeloop.model.config import HyperloopConfig
@@ -90,12 +90,7 @@ def inspect_input(in_dir: Path) -> tuple[HyperloopConfig, dict[str, tuple[torch.
     have: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
     names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     with open_safetensors(st) as f:
-        keys = set(f.keys())
-        missing, unexpected = sorted(set(want) - keys), sorted(keys - set(want))
-        if missing:
-            raise CheckpointError(f"{st}: tensor '{missing[0]}' is missing ({len(missing)} missing in all)")
-        if unexpected:
-            raise CheckpointError(f"{st}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} unexpected in all)")
+        check_keys(st, set(want), set(f.keys()))
         for name in want:
             sl = f.get_slice(name)
             shape, dt = tuple(sl.get_shape()), names.get(sl.get_dtype())

@@ -5,16 +5,15 @@ every bad input as a one-line error with nothing written."""
 import json
 import math
 import os
-import sys
 
 import pytest
 import torch
 
-from edgeloop import cli
 from edgeloop.export import ExportConfig, export_checkpoint
 from edgeloop.importers.nanochat import NanochatImportError, import_nanochat, is_nanochat
 from edgeloop.model.checkpoint import load_model
 from edgeloop.model.model import KVCache
+from tests.conftest import run_cli
 
 MODES = ["inject_init_prelude", "passthrough", "additive", "hyperconnect"]
 MC = dict(sequence_len=48, vocab_size=300, size=4, n_head=4, n_kv_head=2, n_embd=32, n_prelude=1,
@@ -310,17 +309,6 @@ def test_refuses_existing_output_and_missing_folder(tmp_path):
         import_nanochat(src, src, overwrite=True)
     import_nanochat(src, tmp_path / "out", overwrite=True)
     assert (tmp_path / "out" / "model.safetensors").is_file()
-
-
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["edgeloop", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def test_cli_import_and_quantize_accepts_a_nanochat_folder(tmp_path, monkeypatch, capsys):

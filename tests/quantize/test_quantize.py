@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -12,13 +11,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from edgeloop import cli
 from edgeloop.model.checkpoint import load_model, save_checkpoint
 from edgeloop.model.data import train_tokenizer
 from edgeloop.model.evaluate import perplexity
 from edgeloop.quantize import (GPTQ, QuantConfig, QuantEmbedding, QuantLinear, dequantize, pack, quantize_,
                                quantize_checkpoint, rtn, save_quantized, unpack)
-from tests.conftest import VARIANTS, perturbed
+from tests.conftest import VARIANTS, perturbed, run_cli
 
 TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; "
         "and darkness was upon the face of the deep.\n") * 300
@@ -203,19 +201,8 @@ def test_deterministic_bytes(work, tmp_path):
 
 
 # ---- the CLI and bad input --------------------------------------------------------------------
-def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["edgeloop", "quantize", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
-
-
 def test_cli_json_summary(work, tmp_path, monkeypatch, capsys):
-    code, out, _ = run_cli(monkeypatch, capsys, work / "ck16", "-o", tmp_path / "q", "--group-size", "64",
+    code, out, _ = run_cli(monkeypatch, capsys, "quantize", work / "ck16", "-o", tmp_path / "q", "--group-size", "64",
                            "--keep-dtype", "float16", "--json")
     assert code == 0
     r = json.loads(out)
@@ -262,7 +249,7 @@ def test_bad_input_one_line_exit_2_no_output(work, tmp_path, monkeypatch, capsys
     if case == "exists":
         out.mkdir()
         (out / "keep.txt").write_text("mine")
-    code, _, err = run_cli(monkeypatch, capsys, ck, "-o", out, "--group-size", "32",
+    code, _, err = run_cli(monkeypatch, capsys, "quantize", ck, "-o", out, "--group-size", "32",
                            "--calib-text", work / "calib.txt", *args)
     assert code == 2, err
     assert msg in err and len(err.strip().splitlines()) == 1, err
@@ -276,7 +263,7 @@ def test_bad_input_one_line_exit_2_no_output(work, tmp_path, monkeypatch, capsys
 def test_overwrite_replaces(work, tmp_path, monkeypatch, capsys):
     out = tmp_path / "q"
     out.mkdir()
-    code, _, err = run_cli(monkeypatch, capsys, work / "ck16", "-o", out, "--group-size", "32", "--overwrite")
+    code, _, err = run_cli(monkeypatch, capsys, "quantize", work / "ck16", "-o", out, "--group-size", "32", "--overwrite")
     assert code == 0, err
     assert (out / "model.safetensors").is_file()
 

@@ -8,21 +8,10 @@ import sys
 import onnx
 from onnx import TensorProto, helper
 
-from edgeloop import cli
+from tests.conftest import run_cli
 
 BENCH_KEYS = ("file_bytes", "peak_rss_bytes", "steady_rss_bytes", "kv_bytes_per_token", "prefill_ms",
               "decode_tokens_per_s")
-
-
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["edgeloop", *map(str, args)])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as e:
-        code = e.code or 0
-    cap = capsys.readouterr()
-    return code, cap.out, cap.err
 
 
 def test_generate_streams_from_an_export(tiny, monkeypatch, capsys):
