@@ -361,6 +361,19 @@ def run_cmd(
         f", {out_dir / 'sweep.png'}" if r["sweep"] else ""))
 
 
+@app.command()
+def serve(
+    model_dir: Path = typer.Argument(..., help="an export folder"),
+    host: str = typer.Option("127.0.0.1", help="loopback address to bind (127.0.0.1 or ::1)"),
+    port: int = typer.Option(8008, help="TCP port (0 = any free port)"),
+    verbose: bool = typer.Option(False, "--verbose", help="log every request"),
+):
+    """The in-browser demo (web/, onnxruntime-web: WebGPU or WASM) with MODEL_DIR, on loopback only."""
+    from edgeloop.runtime.serve import serve as run_serve
+
+    run_serve(model_dir, host, port, quiet=not verbose, say=lambda s: out.print(s, highlight=False, soft_wrap=True))
+
+
 def main() -> None:
     try:
         app()
