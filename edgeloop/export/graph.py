@@ -37,8 +37,10 @@ def rope(g: GraphBuilder, x, cos, sin):
     return g.Concat(g.Add(g.Mul(x1, cos), g.Mul(x2, sin)), g.Sub(g.Mul(x2, cos), g.Mul(x1, sin)), axis=-1)
 
 
-def attention(g, w: Weights, cfg: HyperloopConfig, p: str, x, ctx: dict, past_k, past_v):
-    """Causal GQA attention over [past; new] with rotary + optional QK-norm; returns (y, present_k, present_v)."""
+def attention(g, w: Weights, cfg: HyperloopConfig, p: str, x, ctx: dict, past):
+    """Causal GQA attention of x over [past; x] with rotary + optional QK-norm. `past` is this layer's
+    (k, v), or a function (g, attend) -> attend(g, past_k, past_v) that picks it inside a subgraph (the
+    Loop body's per-loop past). Returns (y, k, v) with k, v the NEW keys/values: present = [past; new]."""
     H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
     def heads(t, n):  # [B, S, n*hd] -> [B, n, S, hd]
@@ -49,22 +51,27 @@ def attention(g, w: Weights, cfg: HyperloopConfig, p: str, x, ctx: dict, past_k,
     v = heads(w.linear(g, x, f"{p}.c_v"), KV)
     if cfg.qk_norm:
         q, k = rms_norm(g, q, cfg.norm_eps), rms_norm(g, k, cfg.norm_eps)
-    k, v = g.Concat(past_k, k, axis=2), g.Concat(past_v, v, axis=2)
-    kk, vv = (repeat_kv(g, k, KV, H // KV, hd), repeat_kv(g, v, KV, H // KV, hd)) if H != KV else (k, v)
-    scores = g.Add(g.Mul(g.MatMul(q, g.Transpose(kk, perm=[0, 1, 3, 2])), g.const(1 / math.sqrt(hd), np.float32)),
-                   ctx["bias"])
-    y = g.MatMul(g.Softmax(scores, axis=-1), vv)
-    y = g.Reshape(g.Transpose(y, perm=[0, 2, 1, 3]), g.const([0, 0, H * hd]))
+    qg = g.Reshape(q, g.const([0, KV, -1, hd]))  # [B, KV, rep*S, hd]: query head h reads KV head h // rep
+
+    def attend(b, past_k, past_v):
+        return attend_grouped(b, cfg, ctx, qg, k, v, past_k, past_v)
+
+    y = past(g, attend) if callable(past) else attend(g, *past)
+    y = g.Reshape(g.Transpose(g.Reshape(y, g.const([0, H, -1, hd])), perm=[0, 2, 1, 3]), g.const([0, 0, H * hd]))
     return w.linear(g, y, f"{p}.c_proj"), k, v
 
 
-def repeat_kv(g, t, kv: int, rep: int, hd: int):
-    """[B, KV, T, hd] -> [B, KV*rep, T, hd], query head h reading KV head h // rep."""
-    shape = g.Shape(t)
-    b, T = g.Gather(shape, g.const([0]), axis=0), g.Gather(shape, g.const([2]), axis=0)
-    big = g.Concat(b, g.const([kv, rep]), T, g.const([hd]), axis=0)
-    t = g.Expand(g.Unsqueeze(t, g.const([2])), big)
-    return g.Reshape(t, g.Concat(b, g.const([kv * rep]), T, g.const([hd]), axis=0))
+def attend_grouped(g, cfg: HyperloopConfig, ctx: dict, qg, k, v, past_k, past_v):
+    """softmax(qg [K_past; k]^T / sqrt(hd) + bias) [V_past; v] for grouped queries qg [B, KV, rep*S, hd].
+    The past is read where it lies: no concatenated or head-repeated copy of the KV cache is made."""
+    T_past = g.Shape(past_k, start=2, end=3)
+    scores = g.Concat(g.MatMul(qg, g.Transpose(past_k, perm=[0, 1, 3, 2])),
+                      g.MatMul(qg, g.Transpose(k, perm=[0, 1, 3, 2])), axis=-1)
+    scores = g.Add(g.Mul(scores, g.const(1 / math.sqrt(cfg.head_dim), np.float32)), ctx["bias"])
+    probs = g.Softmax(scores, axis=-1)
+    p_past = g.Slice(probs, g.const([0]), T_past, g.const([-1]))
+    p_new = g.Slice(probs, T_past, g.const([2**62]), g.const([-1]))
+    return g.Add(g.MatMul(p_past, past_v), g.MatMul(p_new, v))
 
 
 def mlp(g, w: Weights, cfg: HyperloopConfig, p: str, x):
@@ -79,10 +86,10 @@ def mlp(g, w: Weights, cfg: HyperloopConfig, p: str, x):
     return w.linear(g, h, f"{p}.c_proj")
 
 
-def block(g, w: Weights, cfg: HyperloopConfig, p: str, x, ctx, past_k, past_v):
-    """x += attn(norm1 x); x += mlp(norm2 x)."""
+def block(g, w: Weights, cfg: HyperloopConfig, p: str, x, ctx, past):
+    """x += attn(norm1 x); x += mlp(norm2 x). Returns (x, new k, new v); `past` as in attention()."""
     a, k, v = attention(g, w, cfg, f"{p}.attn", rms_norm(g, x, cfg.norm_eps, w.param(g, f"{p}.norm1.weight")),
-                        ctx, past_k, past_v)
+                        ctx, past)
     x = g.Add(x, a)
     x = g.Add(x, mlp(g, w, cfg, f"{p}.mlp", rms_norm(g, x, cfg.norm_eps, w.param(g, f"{p}.norm2.weight"))))
     return x, k, v
@@ -90,10 +97,11 @@ def block(g, w: Weights, cfg: HyperloopConfig, p: str, x, ctx, past_k, past_v):
 
 # ---- one loop of the middle block with its hyper-connection update ----------------------
 def sinkhorn(g, logits, iters: int):
+    """exp(logits - max), then `iters` times: rows to sum 1, columns to sum 1 (an L1 normalization of a
+    positive matrix: one LpNormalization op each)."""
     m = g.Exp(g.Sub(logits, g.ReduceMax(logits, g.const([-2, -1]), keepdims=1)))
     for _ in range(iters):
-        m = g.Div(m, g.ReduceSum(m, g.const([-1]), keepdims=1))
-        m = g.Div(m, g.ReduceSum(m, g.const([-2]), keepdims=1))
+        m = g.LpNormalization(g.LpNormalization(m, axis=-1, p=1), axis=-2, p=1)
     return m
 
 
@@ -108,20 +116,17 @@ def coefficients(g, w: Weights, cfg: HyperloopConfig, Y, l):
     if cfg.hc == "static":
         return loop_row(g, w, "hc.lane_alpha", l), loop_row(g, w, "hc.lane_beta", l), loop_row(g, w, "hc.lane_mixing", l)
     z = rms_norm(g, g.Reshape(Y, g.const([0, 0, n * d])), cfg.norm_eps)
-
-    def proj(kind):
-        return g.Add(g.Mul(loop_row(g, w, f"hc.a_{kind}", l), g.MatMul(z, loop_row(g, w, f"hc.w_{kind}", l))),
-                     loop_row(g, w, f"hc.b_{kind}", l) if kind != "res" else g.const(0.0, np.float32))
-
-    h_pre = g.Sigmoid(proj("pre"))
-    h_post = g.Mul(g.const(2.0, np.float32), g.Sigmoid(proj("post")))
-    res = g.Add(g.Reshape(proj("res"), g.const([0, 0, n, n])), loop_row(g, w, "hc.b_res", l))
+    W, a, b = (g.Gather(t, l, axis=0) for t in w.hc_projection(g))  # the three projections as one MatMul
+    pre, post, res = g.Split(g.Add(g.Mul(g.MatMul(z, W), a), b), g.const([n, n, n * n]), axis=-1, _outputs=3)
+    h_pre = g.Sigmoid(pre)
+    h_post = g.Mul(g.const(2.0, np.float32), g.Sigmoid(post))
+    res = g.Reshape(res, g.const([0, 0, n, n]))
     return h_pre, h_post, sinkhorn(g, res, cfg.sinkhorn_iters)
 
 
 def middle_loop(g, w: Weights, cfg: HyperloopConfig, l, state, e, ctx, pasts):
-    """One loop: u from the state, o = middle(u), state update. pasts[j] = (k, v) of middle layer j.
-    Returns (new state, [(present_k, present_v) per middle layer])."""
+    """One loop: u from the state, o = middle(u), state update. pasts[j]: middle layer j's past, as in
+    attention(). Returns (new state, [(new k, new v) per middle layer])."""
     if cfg.hc == "none":
         s = state
         if cfg.injection == "inject":
@@ -136,7 +141,7 @@ def middle_loop(g, w: Weights, cfg: HyperloopConfig, l, state, e, ctx, pasts):
         u = g.Add(u, loop_row(g, w, "loop_embed", l))
     presents, o = [], u
     for j in range(cfg.n_middle):
-        o, k, v = block(g, w, cfg, f"middle.{j}", o, ctx, *pasts[j])
+        o, k, v = block(g, w, cfg, f"middle.{j}", o, ctx, pasts[j])
         presents.append((k, v))
     if cfg.middle_norm:
         o = rms_norm(g, o, cfg.norm_eps, w.param(g, "middle_norm.weight"))
@@ -177,14 +182,20 @@ def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False) -> ir.Model:
     k_idx = g.Unsqueeze(g.Range(g.const(0), g.Squeeze(T), g.const(1)), g.const([0]))
     valid = g.Unsqueeze(g.Cast(attention_mask, to=BOOL), g.const([1, 2]))
     allowed = g.Or(g.And(g.LessOrEqual(k_idx, q_idx), valid), g.Equal(k_idx, q_idx))
-    ctx["bias"] = g.Where(allowed, g.const(0.0, np.float32), g.const(-np.inf, np.float32))
+    bias = g.Where(allowed, g.const(0.0, np.float32), g.const(-np.inf, np.float32))  # [B, 1, S, T]
+    rep = cfg.n_heads // cfg.n_kv_heads  # grouped queries are [B, KV, rep*S, hd]: the bias repeats per group
+    ctx["bias"] = g.Concat(*[bias] * rep, axis=2) if rep > 1 else bias
+
+    def with_past(i, new):  # present = [past; new]
+        return tuple(g.Concat(pst, t, axis=2) for pst, t in zip(past[i], new))
 
     presents: dict[int, tuple] = {}
     x = w.embedding(g, input_ids)
     if cfg.embed_norm:
         x = rms_norm(g, x, cfg.norm_eps, w.param(g, "embed_norm.weight"))
     for i in range(cfg.n_begin):
-        x, *presents[i] = block(g, w, cfg, f"begin.{i}", x, ctx, *past[i])
+        x, *new = block(g, w, cfg, f"begin.{i}", x, ctx, past[i])
+        presents[i] = with_past(i, new)
     e = x
     if cfg.hc == "none":
         state = g.ConstantOfShape(g.Shape(e), value=ir.tensor(np.zeros(1, np.float32))) \
@@ -198,8 +209,8 @@ def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False) -> ir.Model:
         for l in range(cfg.num_loops):
             pasts = [past[cfg.slot(l, j)] for j in range(cfg.n_middle)]
             state, pres = middle_loop(g, w, cfg, g.const(l), state, e, ctx, pasts)
-            for j, kv in enumerate(pres):
-                presents[cfg.slot(l, j)] = kv
+            for j, new in enumerate(pres):
+                presents[cfg.slot(l, j)] = with_past(cfg.slot(l, j), new)
     else:
         num_loops = ir.Value(name="num_loops", type=ir.TensorType(INT64), shape=ir.Shape([]),
                              const_value=ir.tensor(np.array(cfg.num_loops, np.int64), name="num_loops"))
@@ -212,7 +223,8 @@ def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False) -> ir.Model:
         x = (g.ReduceMean if cfg.collapse == "mean" else g.ReduceSum)(state, g.const([2]), keepdims=0)
     first_end = cfg.n_begin + cfg.num_loops * cfg.n_middle
     for j in range(cfg.n_end):
-        x, *presents[first_end + j] = block(g, w, cfg, f"end.{j}", x, ctx, *past[first_end + j])
+        x, *new = block(g, w, cfg, f"end.{j}", x, ctx, past[first_end + j])
+        presents[first_end + j] = with_past(first_end + j, new)
     x = rms_norm(g, x, cfg.norm_eps, w.param(g, "final_norm.weight"))
     logits = w.lm_head(g, x)
     if cfg.logit_softcap > 0:
@@ -229,41 +241,70 @@ def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False) -> ir.Model:
     return model
 
 
+def by_loop(g: GraphBuilder, it, r: int, branch):
+    """branch(b, l) for l = it (0 <= it < r), chosen by a binary tree of If nodes: each branch reads the
+    outer-scope tensors of its own loop in place (SequenceAt or Gather would copy them every iteration)."""
+    def pick(b: GraphBuilder, lo: int, hi: int):
+        if hi - lo == 1:
+            return branch(b, lo)
+        mid = (lo + hi) // 2
+        lo_b, hi_b = b.sub(f"loops{lo}_{mid}/"), b.sub(f"loops{mid}_{hi}/")
+        lo_out, hi_out = (typed(pick(sb, *span), FLOAT, [None] * 4) for sb, span in ((lo_b, (lo, mid)), (hi_b, (mid, hi))))
+        return b.If(below(mid), then_branch=lo_b.graph([], [lo_out], f"loops{lo}_{mid}"),
+                    else_branch=hi_b.graph([], [hi_out], f"loops{mid}_{hi}"))
+    shared = g.__dict__.setdefault("_below", {})
+
+    def below(mid: int):  # it < mid, made once per body and shared by every layer's tree
+        if mid not in shared:
+            shared[mid] = g.Less(it, g.const(mid))
+        return shared[mid]
+    return pick(g, 0, r)
+
+
 def loop(g: GraphBuilder, w: Weights, cfg: HyperloopConfig, num_loops, state, e, ctx, past):
-    """The middle block as one Loop node; returns (final state, {slot: (present_k, present_v)})."""
+    """The middle block as one Loop node; returns (final state, {slot: (present_k, present_v)}).
+    Inside the body, middle layer j attends to past[slot(iter_num, j)] (picked by by_loop); each
+    iteration's NEW keys/values leave as scan outputs and present.{slot} = [past; new] is built after."""
     r, nm = cfg.num_loops, cfg.n_middle
-    seqs = [(g.SequenceConstruct(*[past[cfg.slot(l, j)][0] for l in range(r)]),
-             g.SequenceConstruct(*[past[cfg.slot(l, j)][1] for l in range(r)])) for j in range(nm)]
     b = g.sub("loop/")
     it = typed(ir.Value(name=b.fresh("iter_num")), INT64, [])
     cond = typed(ir.Value(name=b.fresh("cond")), BOOL, [])
     state_shape = ["batch_size", "sequence_length", cfg.d_model] if cfg.hc == "none" else \
         ["batch_size", "sequence_length", cfg.n_streams, cfg.d_model]
     s_in = typed(ir.Value(name=b.fresh("state")), FLOAT, state_shape)
-    pasts = [(b.SequenceAt(sk, it), b.SequenceAt(sv, it)) for sk, sv in seqs]
-    s_out, pres = middle_loop(b, w, cfg, it, s_in, e, ctx, pasts)
-    kv_shape = ["batch_size", cfg.n_kv_heads, "total_sequence_length", cfg.head_dim]
-    body_outs = [typed(b.Identity(cond), BOOL, []), typed(b.Identity(s_out), FLOAT, state_shape)]
-    body_outs += [typed(b.Identity(t), FLOAT, kv_shape) for kv in pres for t in kv]
+
+    def past_of(j):
+        return lambda bb, attend: by_loop(bb, it, r, lambda lb, l: attend(lb, *past[cfg.slot(l, j)]))
+
+    s_out, new = middle_loop(b, w, cfg, it, s_in, e, ctx, [past_of(j) for j in range(nm)])
+    kv_new = ["batch_size", cfg.n_kv_heads, "sequence_length", cfg.head_dim]
+    body_outs = [cond, typed(s_out, FLOAT, state_shape)]
+    body_outs += [typed(t, FLOAT, kv_new) for kv in new for t in kv]  # values made in the body: no Identity copies
     body = b.graph([it, cond, s_in], body_outs, "middle_block")
     outs = g.Loop(num_loops, g.const(True, np.bool_), state, body=body, _outputs=1 + 2 * nm)
-    final, scans = outs[0], outs[1:]
-    # split the scan outputs back into present.{slot}: one If picks the common all-loops-run path
-    # (a Split per scan output); only when num_loops < r does a slot choose between its scan row and its past
+    final, scans = outs[0], outs[1:]  # scans[2j + c]: [num_loops, B, KV, S, hd]
+    # present.{slot}: one If picks the common all-loops-ran path; only when num_loops < r does a slot
+    # choose between [past; its scan row] and its past passed through unchanged
     slots = [(l, j, c) for l in range(r) for j in range(nm) for c in range(2)]
+    kv_shape = ["batch_size", cfg.n_kv_heads, "total_sequence_length", cfg.head_dim]
     all_b, some_b = g.sub("all_loops/"), g.sub("some_loops/")
     rows = {}
+    row_shape = all_b.Concat(all_b.const([-1]), all_b.Shape(scans[0], start=2), axis=0)  # [-1, KV, S, hd]
     for j in range(nm):
         for c in range(2):
-            parts = all_b.Split(scans[2 * j + c], axis=0, num_outputs=r, _outputs=r) if r > 1 else [scans[2 * j + c]]
-            for l, part in enumerate(parts):
-                rows[l, j, c] = all_b.Squeeze(part, all_b.const([0]))
-    all_outs = [typed(all_b.Identity(rows[k]), FLOAT, kv_shape) for k in slots]
+            flat = all_b.Reshape(scans[2 * j + c], row_shape)
+            parts = all_b.Split(flat, axis=0, num_outputs=r, _outputs=r) if r > 1 else [flat]
+            for l, part in enumerate(parts):  # [r*B, KV, S, hd] split into r rows of [B, KV, S, hd]
+                rows[l, j, c] = part
+    all_outs = [typed(all_b.Concat(past[cfg.slot(l, j)][c], rows[l, j, c], axis=2), FLOAT, kv_shape)
+                for l, j, c in slots]
     some_outs = []
     for l, j, c in slots:
         then_b, else_b = some_b.sub(f"ran{l}_{j}_{c}/"), some_b.sub(f"skipped{l}_{j}_{c}/")
-        t_out = typed(then_b.Gather(scans[2 * j + c], then_b.const(l), axis=0), FLOAT, kv_shape)
-        e_out = typed(else_b.Identity(past[cfg.slot(l, j)][c]), FLOAT, kv_shape)
+        pst = past[cfg.slot(l, j)][c]
+        t_out = typed(then_b.Concat(pst, then_b.Gather(scans[2 * j + c], then_b.const(l), axis=0), axis=2),
+                      FLOAT, kv_shape)
+        e_out = typed(else_b.Identity(pst), FLOAT, kv_shape)
         some_outs.append(typed(some_b.If(some_b.Less(some_b.const(l), num_loops),
                                          then_branch=then_b.graph([], [t_out], "ran"),
                                          else_branch=else_b.graph([], [e_out], "skipped")), FLOAT, kv_shape))

@@ -72,11 +72,28 @@ class Weights:
 
     def param(self, g: GraphBuilder, name: str) -> ir.Value:
         """Norms and hyper-connection parameters: kept in the checkpoint's dtype (fp16 -> Cast to float)."""
+        t = self.kept(name)
+        return self._float(g, name, t.float().numpy(), t.dtype == torch.float16)
+
+    def kept(self, name: str) -> torch.Tensor:
+        """A tensor the quantizer must have kept in float (norms, hyper-connection parameters)."""
         if name not in self.keys and f"{name.removesuffix('.weight')}.qweight" in self.keys:
             raise ValueError(f"tensor '{name}' was quantized (--quantize-hc is a measurement setting); "
                              f"export a checkpoint quantized without it")
-        t = self.tensor(name)
-        return self._float(g, name, t.float().numpy(), t.dtype == torch.float16)
+        return self.tensor(name)
+
+    def hc_projection(self, g: GraphBuilder) -> tuple[ir.Value, ir.Value, ir.Value]:
+        """The dynamic hyper-connection projections of every loop as ONE MatMul: W = [W_pre | W_post | W_res]
+        [r, n*d, 2n + n^2], its per-column scale a = [a_pre.. | a_post.. | a_res..] and bias
+        b = [b_pre | b_post | b_res] [r, 2n + n^2] (concatenations only: the values and dtype stay exact)."""
+        t = {f"{x}_{k}": self.kept(f"hc.{x}_{k}") for x in "wab" for k in ("pre", "post", "res")}
+        half = t["w_pre"].dtype == torch.float16
+        W = torch.cat([t[f"w_{k}"] for k in ("pre", "post", "res")], -1)
+        widths = [t[f"w_{k}"].shape[-1] for k in ("pre", "post", "res")]
+        a = torch.cat([t[f"a_{k}"][:, None].expand(-1, n) for k, n in zip(("pre", "post", "res"), widths)], -1)
+        b = torch.cat([t["b_pre"], t["b_post"], t["b_res"].flatten(1)], -1)
+        return tuple(self._float(g, f"hc.projection{suffix}", v.float().numpy(), half)
+                     for suffix, v in (("", W), ("_scale", a), ("_bias", b)))
 
     def is_quantized(self, module: str) -> bool:
         return f"{module}.qweight" in self.keys
