@@ -332,7 +332,8 @@ def run_cmd(
     out_dir: Path = typer.Option(..., "-o", "--out", help="folder for every stage's output and the report"),
     method: str = typer.Option("gptq", help="rtn or gptq"), group_size: int = typer.Option(128),
     sym: bool = typer.Option(False), format: str = typer.Option("matmulnbits", help="matmulnbits or qdq"),
-    accuracy_level: int = typer.Option(0), ep: str = typer.Option("cpu"),
+    accuracy_level: int = typer.Option(4, help="MatMulNBits accuracy level: 4 (int8 activations, the fast CPU "
+                                       "path) or 0 (fp32 compute)"), ep: str = typer.Option("cpu"),
     eval_tokens: int = typer.Option(8192), sweep: bool = typer.Option(True, help="num_loops sweep + plot"),
     threads: int = typer.Option(0), overwrite: bool = typer.Option(False),
     as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object"),
