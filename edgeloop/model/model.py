@@ -248,7 +248,7 @@ class Hyperloop(nn.Module):
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, P:]
             else:
                 position_ids = torch.arange(P, P + S, device=input_ids.device).expand(B, S)
-        if int(position_ids.max()) >= cfg.max_seq_len:
+        if not torch.compiler.is_exporting() and int(position_ids.max()) >= cfg.max_seq_len:  # data-dependent check
             raise ValueError(f"position {int(position_ids.max())} is beyond max_seq_len={cfg.max_seq_len}")
         cos, sin = self.rope_cos[position_ids].unsqueeze(1), self.rope_sin[position_ids].unsqueeze(1)
         mask = self._mask(attention_mask, B, S, P, input_ids.device)
