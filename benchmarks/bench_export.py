@@ -78,31 +78,31 @@ def bytes_by_role(folder: Path) -> dict[str, int]:
 
 
 def torch_onnx_baseline(ckpt: Path, work: Path, group_size: int) -> dict:
-    """Today's path: torch.onnx.export (dynamo) of the fp32 model, then MatMulNBitsQuantizer (DEFAULT)."""
+    """Today's path (benchmarks/torch_baseline.py): torch.onnx.export (dynamo, same KV convention), then
+    MatMulNBitsQuantizer (DEFAULT). Its failure is reported, not hidden."""
     import onnx
-    import torch
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    from edgeloop.model.checkpoint import load_model
+    from torch_baseline import export_torch, quantize_torch
 
-    model = load_model(ckpt)
-    ids = torch.randint(0, model.cfg.vocab_size, (1, 16))
-    fp = work / "torch_fp32.onnx"
     try:
-        torch.onnx.export(model, (ids,), str(fp), dynamo=True, input_names=["input_ids"], output_names=["logits"])
-    except Exception as e:  # report, do not hide: this is the baseline's own failure
+        fp = export_torch(ckpt, work / "torch_fp32")
+    except Exception as e:
         return {"error": f"torch.onnx.export failed: {str(e).splitlines()[0][:200]}"}
-    m = onnx.load(str(fp))
-    q = MatMulNBitsQuantizer(m, block_size=group_size, is_symmetric=False)
-    q.process()
-    qp = work / "torch_int4.onnx"
-    q.model.save_model_to_file(str(qp), use_external_data_format=False)
-    qm = onnx.load(str(qp))
-    return {"fp32_bytes": fp.stat().st_size + sum(p.stat().st_size for p in work.glob("torch_fp32.onnx.data")),
-            "int4_bytes": qp.stat().st_size,
+    q = quantize_torch(fp, work / "torch_int4", group_size)
+    qm = onnx.load(str(q / "model.onnx"))
+    return {"fp32_bytes": sum(p.stat().st_size for p in fp.glob("model.onnx*")),
+            "int4_bytes": sum(p.stat().st_size for p in q.glob("model.onnx*")),
             "matmulnbits": sum(n.op_type == "MatMulNBits" for n in qm.graph.node),
-            "matmul_left_fp32": sum(n.op_type == "MatMul" for n in qm.graph.node),
+            "matmul_left_fp32": len(fp32_linears(qm)),
             "loop": any(n.op_type == "Loop" for n in qm.graph.node)}
+
+
+def fp32_linears(m) -> list:
+    """MatMul nodes whose weight is an initializer, directly or through a Transpose (torch.onnx.export
+    keeps W^T of a weight used by several loops as a runtime Transpose, which the quantizer skips)."""
+    inits = {i.name for i in m.graph.initializer}
+    transposed = {n.output[0] for n in m.graph.node if n.op_type == "Transpose" and n.input[0] in inits}
+    return [n for n in m.graph.node if n.op_type == "MatMul" and (n.input[1] in inits or n.input[1] in transposed)]
 
 
 def main() -> None:

@@ -4,7 +4,8 @@
   python benchmarks/bench_runtime.py --random-100m     # a ~100M-parameter random Hyperloop (RTN INT4)
 
 Rows: PyTorch fp32 eager, edgeloop fp32 ONNX (Loop), INT4 ONNX (Loop) at MatMulNBits accuracy level 0 and 4,
-INT4 ONNX (unrolled, level 4), and
+INT4 ONNX (unrolled, level 4), today's toolchain (torch.onnx.export + MatMulNBitsQuantizer, see
+torch_baseline.py), and
 onnxruntime's MatMulNBitsQuantizer (DEFAULT and HQQ, same bits and block size) applied to edgeloop's
 fp32 Loop export. Columns: decode tokens/s, prefill ms, file size, peak RSS (each measured in a fresh
 subprocess) and perplexity on the same tokens, as ratios to PyTorch fp32; and the roofline: measured
@@ -182,6 +183,14 @@ def build(ckpt: Path, work: Path, group_size: int) -> dict[str, Path]:
                      (UNROLLED, ExportConfig(accuracy_level=4, unroll=True))):
         rows[name] = work / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
         export_checkpoint(work / "int4-ck", rows[name], ec)
+    from torch_baseline import as_runtime_folder, export_torch, quantize_torch
+
+    try:  # today's toolchain: torch.onnx.export (unrolled by tracing), then MatMulNBitsQuantizer DEFAULT
+        fp = export_torch(ckpt, work / "torch-fp32")
+        rows["torch.onnx.export + ORT quantizer"] = as_runtime_folder(
+            quantize_torch(fp, work / "torch-int4", group_size), rows["fp32 ONNX (Loop)"], "torch-int4")
+    except Exception as e:  # reported, not hidden
+        print(f"torch.onnx.export baseline failed: {str(e).splitlines()[0][:200]}")
     for algo in ("default", "hqq"):
         rows[f"ORT quantizer {algo.upper()}"] = ort_quantized(work / "fp32", work / f"ort-{algo}", algo, group_size)
     print(f"built the exports in {time.time() - t:.0f} s")
