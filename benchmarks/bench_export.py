@@ -22,6 +22,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 
 class Decoder:
@@ -105,14 +106,52 @@ def fp32_linears(m) -> list:
     return [n for n in m.graph.node if n.op_type == "MatMul" and (n.input[1] in inits or n.input[1] in transposed)]
 
 
+def export_1b(work: Path) -> None:
+    """A random ~1B-parameter fp16 Hyperloop (bench_quantize.write_big): RTN INT4, then `edgeloop export` of
+    the INT4 and of the fp32 form, each in a fresh process; prints wall time and peak RSS (goal: < 24 GiB)."""
+    import subprocess
+
+    import psutil
+    from bench_quantize import write_big
+
+    src = work / "big-fp16"
+    params = write_big(src)
+    print(f"random checkpoint: {params / 1e9:.2f}B parameters")
+    steps = [("quantize RTN", ["quantize", str(src), "-o", str(work / "big-int4"), "--method", "rtn"]),
+             ("export INT4 (MatMulNBits)", ["export", str(work / "big-int4"), "-o", str(work / "onnx-int4")]),
+             ("export fp32 (external data)", ["export", str(src), "-o", str(work / "onnx-fp32"), "--format", "fp32"])]
+    for name, args in steps:
+        t, peak = time.time(), 0
+        with open(work / "log.txt", "w") as log:
+            proc = subprocess.Popen([sys.executable, "-m", "edgeloop.cli", *args, "--json"], stdout=log, stderr=log)
+            watch = psutil.Process(proc.pid)
+            while proc.poll() is None:  # sample the step's RSS (a fresh process per step)
+                try:
+                    peak = max(peak, watch.memory_info().rss)
+                except psutil.Error:
+                    pass
+                time.sleep(0.05)
+        tail = (work / "log.txt").read_text().strip().splitlines()
+        status = "ok" if proc.returncode == 0 else f"FAILED: {tail[-1] if tail else proc.returncode}"
+        print(f"{name}: {time.time() - t:.0f} s, peak RSS {peak / 2**30:.2f} GiB, {status}")
+    for d in ("onnx-int4", "onnx-fp32"):
+        files = {p.name: p.stat().st_size for p in (work / d).glob("model.onnx*")}
+        print(f"{d}: {', '.join(f'{k} {v / 2**30:.2f} GiB' for k, v in files.items())}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("ckpt", nargs="?", default=str(ROOT / "models" / "hyperloop-tiny"))
+    ap.add_argument("--export-1b", action="store_true", help="time + peak RSS of exporting a random 1B model")
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--method", default="rtn")
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
+    if a.export_1b:
+        with tempfile.TemporaryDirectory(prefix="bench_export_1b_") as tmp:
+            export_1b(Path(tmp))
+        return
 
     from rich.console import Console
     from rich.table import Table
