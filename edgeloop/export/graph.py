@@ -38,9 +38,10 @@ def rope(g: GraphBuilder, x, cos, sin):
 
 
 def attention(g, w: Weights, cfg: HyperloopConfig, p: str, x, ctx: dict, past):
-    """Causal GQA attention of x over [past; x] with rotary + optional QK-norm. `past` is this layer's
-    (k, v), or a function (g, attend) -> attend(g, past_k, past_v) that picks it inside a subgraph (the
-    Loop body's per-loop past). Returns (y, k, v) with k, v the NEW keys/values: present = [past; new]."""
+    """Causal GQA attention of x over [past; x] with rotary + optional QK-norm, queries grouped by KV head
+    (no head-repeated copy of the cache). `past` is this layer's (k, v): returns (y, present k, present v),
+    present = [past; new]. Or `past` is a function (g, attend) -> attend(g, past_k, past_v) that picks the
+    past inside a subgraph (the Loop body): returns (y, new k, new v), the Loop concatenating after."""
     H, KV, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
 
     def heads(t, n):  # [B, S, n*hd] -> [B, n, S, hd]
@@ -53,25 +54,21 @@ def attention(g, w: Weights, cfg: HyperloopConfig, p: str, x, ctx: dict, past):
         q, k = rms_norm(g, q, cfg.norm_eps), rms_norm(g, k, cfg.norm_eps)
     qg = g.Reshape(q, g.const([0, KV, -1, hd]))  # [B, KV, rep*S, hd]: query head h reads KV head h // rep
 
-    def attend(b, past_k, past_v):
-        return attend_grouped(b, cfg, ctx, qg, k, v, past_k, past_v)
+    def scores_of(b, keys):  # qg keys^T / sqrt(hd)
+        return b.MatMul(qg, b.Transpose(keys, perm=[0, 1, 3, 2]))
 
-    y = past(g, attend) if callable(past) else attend(g, *past)
+    def softmax_v(b, scores, values):  # softmax(scores + bias) values
+        probs = b.Softmax(b.Add(b.Mul(scores, b.const(1 / math.sqrt(hd), np.float32)), ctx["bias"]), axis=-1)
+        return b.MatMul(probs, values)
+
+    if callable(past):  # keys of the past read in place; values concatenated (a K=0 MatMul breaks WebGPU)
+        y = past(g, lambda b, pk, pv: softmax_v(b, b.Concat(scores_of(b, pk), scores_of(b, k), axis=-1),
+                                                b.Concat(pv, v, axis=2)))
+    else:
+        k, v = g.Concat(past[0], k, axis=2), g.Concat(past[1], v, axis=2)
+        y = softmax_v(g, scores_of(g, k), v)
     y = g.Reshape(g.Transpose(g.Reshape(y, g.const([0, H, -1, hd])), perm=[0, 2, 1, 3]), g.const([0, 0, H * hd]))
     return w.linear(g, y, f"{p}.c_proj"), k, v
-
-
-def attend_grouped(g, cfg: HyperloopConfig, ctx: dict, qg, k, v, past_k, past_v):
-    """softmax(qg [K_past; k]^T / sqrt(hd) + bias) [V_past; v] for grouped queries qg [B, KV, rep*S, hd].
-    The past is read where it lies: no concatenated or head-repeated copy of the KV cache is made."""
-    T_past = g.Shape(past_k, start=2, end=3)
-    scores = g.Concat(g.MatMul(qg, g.Transpose(past_k, perm=[0, 1, 3, 2])),
-                      g.MatMul(qg, g.Transpose(k, perm=[0, 1, 3, 2])), axis=-1)
-    scores = g.Add(g.Mul(scores, g.const(1 / math.sqrt(cfg.head_dim), np.float32)), ctx["bias"])
-    probs = g.Softmax(scores, axis=-1)
-    p_past = g.Slice(probs, g.const([0]), T_past, g.const([-1]))
-    p_new = g.Slice(probs, T_past, g.const([2**62]), g.const([-1]))
-    return g.Add(g.MatMul(p_past, past_v), g.MatMul(p_new, v))
 
 
 def mlp(g, w: Weights, cfg: HyperloopConfig, p: str, x):
@@ -87,7 +84,7 @@ def mlp(g, w: Weights, cfg: HyperloopConfig, p: str, x):
 
 
 def block(g, w: Weights, cfg: HyperloopConfig, p: str, x, ctx, past):
-    """x += attn(norm1 x); x += mlp(norm2 x). Returns (x, new k, new v); `past` as in attention()."""
+    """x += attn(norm1 x); x += mlp(norm2 x). Returns (x, k, v) as attention() does."""
     a, k, v = attention(g, w, cfg, f"{p}.attn", rms_norm(g, x, cfg.norm_eps, w.param(g, f"{p}.norm1.weight")),
                         ctx, past)
     x = g.Add(x, a)
@@ -126,7 +123,7 @@ def coefficients(g, w: Weights, cfg: HyperloopConfig, Y, l):
 
 def middle_loop(g, w: Weights, cfg: HyperloopConfig, l, state, e, ctx, pasts):
     """One loop: u from the state, o = middle(u), state update. pasts[j]: middle layer j's past, as in
-    attention(). Returns (new state, [(new k, new v) per middle layer])."""
+    attention(). Returns (new state, [(k, v) per middle layer], as attention() returns them)."""
     if cfg.hc == "none":
         s = state
         if cfg.injection == "inject":
@@ -186,16 +183,12 @@ def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False) -> ir.Model:
     rep = cfg.n_heads // cfg.n_kv_heads  # grouped queries are [B, KV, rep*S, hd]: the bias repeats per group
     ctx["bias"] = g.Concat(*[bias] * rep, axis=2) if rep > 1 else bias
 
-    def with_past(i, new):  # present = [past; new]
-        return tuple(g.Concat(pst, t, axis=2) for pst, t in zip(past[i], new))
-
     presents: dict[int, tuple] = {}
     x = w.embedding(g, input_ids)
     if cfg.embed_norm:
         x = rms_norm(g, x, cfg.norm_eps, w.param(g, "embed_norm.weight"))
     for i in range(cfg.n_begin):
-        x, *new = block(g, w, cfg, f"begin.{i}", x, ctx, past[i])
-        presents[i] = with_past(i, new)
+        x, *presents[i] = block(g, w, cfg, f"begin.{i}", x, ctx, past[i])
     e = x
     if cfg.hc == "none":
         state = g.ConstantOfShape(g.Shape(e), value=ir.tensor(np.zeros(1, np.float32))) \
@@ -209,8 +202,8 @@ def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False) -> ir.Model:
         for l in range(cfg.num_loops):
             pasts = [past[cfg.slot(l, j)] for j in range(cfg.n_middle)]
             state, pres = middle_loop(g, w, cfg, g.const(l), state, e, ctx, pasts)
-            for j, new in enumerate(pres):
-                presents[cfg.slot(l, j)] = with_past(cfg.slot(l, j), new)
+            for j, kv in enumerate(pres):
+                presents[cfg.slot(l, j)] = kv
     else:
         num_loops = ir.Value(name="num_loops", type=ir.TensorType(INT64), shape=ir.Shape([]),
                              const_value=ir.tensor(np.array(cfg.num_loops, np.int64), name="num_loops"))
@@ -223,8 +216,7 @@ def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False) -> ir.Model:
         x = (g.ReduceMean if cfg.collapse == "mean" else g.ReduceSum)(state, g.const([2]), keepdims=0)
     first_end = cfg.n_begin + cfg.num_loops * cfg.n_middle
     for j in range(cfg.n_end):
-        x, *new = block(g, w, cfg, f"end.{j}", x, ctx, past[first_end + j])
-        presents[first_end + j] = with_past(first_end + j, new)
+        x, *presents[first_end + j] = block(g, w, cfg, f"end.{j}", x, ctx, past[first_end + j])
     x = rms_norm(g, x, cfg.norm_eps, w.param(g, "final_norm.weight"))
     logits = w.lm_head(g, x)
     if cfg.logit_softcap > 0:
