@@ -15,6 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from edgeloop.runtime.plugins import PLUGINS, PluginUnavailable, is_registered, plugin_device
+
 # the short names edgeloop accepts -> onnxruntime's provider names
 PROVIDERS: dict[str, str] = {
     "cpu": "CPUExecutionProvider",
@@ -76,6 +78,12 @@ def provider_names(ep: str) -> list[str]:
 
     name = PROVIDERS[ep]
     available = ort.get_available_providers()
+    if name not in available and ep in PLUGINS:  # a plugin library (onnxruntime-ep-webgpu): register, find a device
+        try:
+            plugin_device(ep)
+        except PluginUnavailable as e:
+            raise ProviderUnavailableError(str(e)) from None
+        return [name, PROVIDERS["cpu"]]
     if name not in available:
         have = ", ".join(k for k, v in PROVIDERS.items() if v in available) or "none"
         raise ProviderUnavailableError(
@@ -120,8 +128,13 @@ def make_session(folder: Path, providers: list[str], so, mmap: bool = True):
         if files:
             keep = [np.fromfile(p, dtype=np.uint8) for p in files]
             so.add_external_initializers_from_files_in_memory([p.name for p in files], keep, [len(b) for b in keep])
+    kw = {"providers": providers}
+    plugin = next((k for k, v in PROVIDERS.items() if v == providers[0] and k in PLUGINS), None)
+    if plugin is not None and is_registered(plugin):
+        so.add_provider_for_devices([plugin_device(plugin)], {})  # CPU takes what the plugin does not
+        kw = {}
     try:
-        sess = ort.InferenceSession(str(folder / "model.onnx"), so, providers=providers)
+        sess = ort.InferenceSession(str(folder / "model.onnx"), so, **kw)
     except Exception as e:  # onnxruntime raises its own exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RuntimeInputError(f"{folder / 'model.onnx'}: onnxruntime cannot load it ({first})") from None
