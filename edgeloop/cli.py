@@ -166,6 +166,8 @@ def export_cmd(
     external_data: Optional[bool] = typer.Option(None, "--external-data/--no-external-data",
                                                  help="weights in model.onnx.data (default: only past 1.8 GB)"),
     verify: bool = typer.Option(True, help="parity check vs PyTorch (--no-verify only for huge models)"),
+    ort: bool = typer.Option(False, "--ort", help="also write model.ort and required_operators.config "
+                             "(onnxruntime mobile / minimal builds)"),
     overwrite: bool = typer.Option(False),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
@@ -175,7 +177,7 @@ def export_cmd(
     if not verify:
         err.print("[bold yellow]warning:[/] --no-verify: the export is NOT parity-checked against PyTorch")
     ec = ExportConfig(format=format, accuracy_level=accuracy_level, unroll=unroll, max_seq_len=max_seq_len,
-                      opset=opset, verify=verify, external_data=external_data)
+                      opset=opset, verify=verify, external_data=external_data, ort=ort)
     with err.status("exporting") as status:
         s = export_checkpoint(in_dir, out_dir, ec, overwrite=overwrite,
                               progress=lambda msg: status.update(f"export: {msg}"))
@@ -193,6 +195,11 @@ def export_cmd(
     t.add_row("parity", "not checked" if p is None else
               f"max |logit error| {p['max_abs_err']:.2e} ≤ {p['tolerance']:g} vs {p['reference']} PyTorch "
               f"(num_loops {', '.join(p['by_num_loops'])}; prefill + {ec.decode_steps} decode steps)")
+    if s.get("ort"):
+        o = s["ort"]
+        t.add_row("ORT format", f"{o['file']} {o['bytes']:,} B ({o['style']}, {o['optimization']} optimizations; "
+                  f"{len(o['operators'])} operator lines in {o['required_operators']}; "
+                  f"max |logit difference| to model.onnx {o['max_abs_diff_vs_onnx']:.1e})")
     out.print(t)
 
 
@@ -317,13 +324,14 @@ def bench(
     plot: Optional[Path] = typer.Option(None, help="PNG of the sweep (implies --sweep)"),
     sweep_tokens: int = typer.Option(2048, help="tokens of text per sweep perplexity"),
     text: Optional[Path] = typer.Option(None, help="text for the sweep (default: the demo validation split)"),
+    ort: bool = typer.Option(False, "--ort", help="load model.ort (export --ort) instead of model.onnx"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Memory footprint and latency of an export (fresh subprocess), and the elastic-depth sweep."""
     from edgeloop.runtime.report import run_bench
 
     run_bench(out, err, model_dir, ep, threads, prefill_tokens, decode_tokens, context, num_loops, reference, sweep,
-              plot, sweep_tokens, text, as_json)
+              plot, sweep_tokens, text, as_json, model_file="model.ort" if ort else "model.onnx")
 
 
 @app.command("run")

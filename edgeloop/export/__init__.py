@@ -31,6 +31,7 @@ class ExportConfig:
     verify: bool = True
     decode_steps: int = 16
     tolerance: float | None = None  # max |logit error| allowed; default by format (see default_tolerance)
+    ort: bool = False  # also model.ort + required_operators.config (onnxruntime mobile / minimal builds)
 
 
 def default_tolerance(fmt: str, accuracy_level: int) -> float:

@@ -93,11 +93,20 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
                               f"(onnxruntime vs PyTorch, num_loops {', '.join(figures)})")
     else:
         manifest["parity"] = None
+    if ec.ort:
+        step("ORT format: model.ort + required_operators.config")
+        from edgeloop.export.ort_format import convert
+
+        manifest["ort"] = convert(out, cfg)
+        if not manifest["ort"]["max_abs_diff_vs_onnx"] <= 1e-5:
+            raise ExportError(f"model.ort disagrees with model.onnx: max |logit difference| "
+                              f"{manifest['ort']['max_abs_diff_vs_onnx']:.3g}")
+        manifest["file_bytes"] = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
     eos = eos_id(out) if tokenizer_ok else None
     write_json(out / "genai_config.json", genai_config(cfg, eos))
     write_json(out / "config.json", optimum_config(cfg, eos, raw))
     write_json(out / "manifest.json", manifest)
-    return {k: manifest[k] for k in ("format", "unroll", "graph", "parity", "file_bytes", "effective_layers")}
+    return {k: manifest.get(k) for k in ("format", "unroll", "graph", "parity", "file_bytes", "effective_layers", "ort")}
 
 
 def versions() -> dict:

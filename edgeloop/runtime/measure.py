@@ -26,9 +26,10 @@ from edgeloop.runtime.session import RuntimeInputError, read_manifest
 GPU_EPS = ("cuda", "webgpu", "coreml", "nnapi", "qnn", "dml")
 
 
-def file_bytes(folder: Path) -> dict[str, Any]:
-    """Bytes on disk of the model files, and of the initializers by dtype (from the manifest)."""
-    files = {p.name: p.stat().st_size for p in sorted(folder.glob("model.onnx*")) if p.is_file()}
+def file_bytes(folder: Path, model_file: str = "model.onnx") -> dict[str, Any]:
+    """Bytes on disk of the model file the session loads (model.onnx with its external data, or model.ort),
+    and of the initializers by dtype (from the manifest)."""
+    files = {p.name: p.stat().st_size for p in sorted(folder.glob(f"{model_file}*")) if p.is_file()}
     m = read_manifest(folder)
     return {"file_bytes": sum(files.values()), "files": files,
             "bytes_by_dtype": dict((m.get("graph") or {}).get("initializer_bytes", {}))}
@@ -95,7 +96,8 @@ def decode_rates(stamps: list[float]) -> dict[str, float]:
 
 
 def probe(folder: str, ep: str = "cpu", threads: int = 0, prefill_tokens: int = 128, decode_tokens: int = 256,
-          num_loops: int | None = None, mmap: bool = True, prepack: bool = True, repeats: int = 3) -> dict:
+          num_loops: int | None = None, mmap: bool = True, prepack: bool = True, repeats: int = 3,
+          model_file: str = "model.onnx") -> dict:
     """The measurements, in THIS process (footprint() runs it in a fresh one): peak RSS while the session
     is created, prefill ms for `prefill_tokens` (median of `repeats`), decode tokens/s and RSS during a
     greedy decode of `decode_tokens` (clipped to the context)."""
@@ -105,7 +107,8 @@ def probe(folder: str, ep: str = "cpu", threads: int = 0, prefill_tokens: int = 
 
     base = _rss()
     t = time.perf_counter()
-    rt = Runtime(folder, ep=ep, threads=threads, num_loops=num_loops, mmap=mmap, prepack=prepack)
+    rt = Runtime(folder, ep=ep, threads=threads, num_loops=num_loops, mmap=mmap, prepack=prepack,
+                 model_file=model_file)
     create_s = time.perf_counter() - t
     after_create = _rss()
     peak_create = max(_peak_rss(), after_create)
@@ -138,7 +141,7 @@ def probe(folder: str, ep: str = "cpu", threads: int = 0, prefill_tokens: int = 
            "steady_rss_bytes": int(np.median(steady)), "decode_peak_rss_bytes": max(rss),
            "prefill_tokens": n, "prefill_ms": 1000 * float(np.median(times)),
            "decode_tokens": decoded, **decode_rates(stamps),
-           "context": rt.ctx, "mmap": mmap, "prepack": prepack}
+           "context": rt.ctx, "mmap": mmap, "prepack": prepack, "model_file": model_file}
     out["process_peak_rss_bytes"] = _peak_rss()
     out.update(device_memory(ep))
     return out
@@ -146,7 +149,7 @@ def probe(folder: str, ep: str = "cpu", threads: int = 0, prefill_tokens: int = 
 
 def footprint(folder: str | os.PathLike, ep: str = "cpu", threads: int = 0, prefill_tokens: int = 128,
               decode_tokens: int = 256, num_loops: int | None = None, context: int | None = None,
-              mmap: bool = True, prepack: bool = True, timeout: float = 1800) -> dict:
+              mmap: bool = True, prepack: bool = True, timeout: float = 1800, model_file: str = "model.onnx") -> dict:
     """bench's numbers: probe() in a fresh subprocess plus file bytes and the KV-cache size (per token and
     at `context` tokens, default the model's context)."""
     folder = Path(folder)
@@ -154,6 +157,8 @@ def footprint(folder: str | os.PathLike, ep: str = "cpu", threads: int = 0, pref
     from edgeloop.runtime.session import provider_names
 
     provider_names(ep)  # an unavailable EP fails here, in one line, not in the child
+    if not (folder / model_file).is_file():
+        raise RuntimeInputError(f"{folder}: no {model_file} (export with --ort for the ORT format)")
     cmd = [sys.executable, "-m", "edgeloop.runtime.measure", str(folder), "--ep", ep, "--threads", str(threads),
            "--prefill-tokens", str(prefill_tokens), "--decode-tokens", str(decode_tokens)]
     if num_loops is not None:
@@ -162,6 +167,7 @@ def footprint(folder: str | os.PathLike, ep: str = "cpu", threads: int = 0, pref
         cmd.append("--no-mmap")
     if not prepack:
         cmd.append("--no-prepack")
+    cmd += ["--model-file", model_file]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                         os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -169,7 +175,7 @@ def footprint(folder: str | os.PathLike, ep: str = "cpu", threads: int = 0, pref
         last = (r.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeInputError(f"the measurement subprocess failed: {last}")
     out = json.loads(r.stdout.strip().splitlines()[-1])
-    out.update(file_bytes(folder))
+    out.update(file_bytes(folder, model_file))
     ctx = context or manifest["max_seq_len"]
     out["kv_bytes_per_token"] = kv_bytes_per_token(manifest, num_loops)
     out["kv_context"] = ctx
@@ -250,10 +256,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-loops", type=int, default=None)
     p.add_argument("--no-mmap", action="store_true")
     p.add_argument("--no-prepack", action="store_true")
+    p.add_argument("--model-file", default="model.onnx")
     a = p.parse_args(argv)
     try:
         res = probe(a.folder, a.ep, a.threads, a.prefill_tokens, a.decode_tokens, a.num_loops,
-                    not a.no_mmap, not a.no_prepack)
+                    not a.no_mmap, not a.no_prepack, model_file=a.model_file)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -87,13 +87,14 @@ def _mb(b: float) -> str:
 
 def run_bench(out: Console, err: Console, model_dir: Path, ep: str, threads: int, prefill_tokens: int,
               decode_tokens: int, context: Optional[int], num_loops: Optional[int], reference: Optional[Path],
-              sweep: bool, plot: Optional[Path], sweep_tokens: int, text: Optional[Path], as_json: bool) -> dict:
+              sweep: bool, plot: Optional[Path], sweep_tokens: int, text: Optional[Path], as_json: bool,
+              model_file: str = "model.onnx") -> dict:
     """`edgeloop bench`: footprint and latency (fresh subprocess), optionally vs a reference export, and
     the num_loops sweep (table + PNG)."""
     from edgeloop.runtime.measure import footprint, plot_sweep, ratios, sweep as run_sweep
 
     with err.status("measuring in a fresh process", spinner="dots") if not as_json else contextlib.nullcontext():
-        r = footprint(model_dir, ep, threads, prefill_tokens, decode_tokens, num_loops, context)
+        r = footprint(model_dir, ep, threads, prefill_tokens, decode_tokens, num_loops, context, model_file=model_file)
         if reference is not None:
             ref = footprint(reference, ep, threads, prefill_tokens, decode_tokens, None, context)
             r["reference"] = {"path": str(reference), **{k: ref[k] for k in ref if not isinstance(ref[k], dict)}}
@@ -102,7 +103,7 @@ def run_bench(out: Console, err: Console, model_dir: Path, ep: str, threads: int
         from edgeloop.runtime import Runtime
         from edgeloop.runtime.drift import evaluation_ids
 
-        rt = Runtime(model_dir, ep=ep, threads=threads)
+        rt = Runtime(model_dir, ep=ep, threads=threads, model_file=model_file)
         ids = evaluation_ids(model_dir, text, sweep_tokens)
         with _progress(err, not as_json) as bar:
             task = bar.add_task("num_loops sweep", total=rt.r)
@@ -119,7 +120,7 @@ def run_bench(out: Console, err: Console, model_dir: Path, ep: str, threads: int
         t.add_row(name, text, *([f"{rr[key]:.3f}×" if key in rr else "-"] if reference else []))
 
     dtypes = ", ".join(f"{k} {_mb(v)}" for k, v in r["bytes_by_dtype"].items())
-    row("file size", "file_bytes", f"{_mb(r['file_bytes'])} ({dtypes})")
+    row("file size", "file_bytes", f"{_mb(r['file_bytes'])} {', '.join(r['files'])} ({dtypes})")
     row("peak RSS, session creation", "peak_rss_bytes", f"{_mb(r['peak_rss_bytes'])} (session adds "
         f"{_mb(r['session_rss_bytes'])} over a {_mb(r['baseline_rss_bytes'])} baseline)")
     row("steady RSS, decoding", "steady_rss_bytes", f"{_mb(r['steady_rss_bytes'])} over {r['decode_tokens']} tokens")

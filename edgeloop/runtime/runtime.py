@@ -43,7 +43,7 @@ class Runtime:
     """An onnxruntime session on an edgeloop export folder, with generation and perplexity."""
 
     def __init__(self, folder: str | os.PathLike, ep: str = "cpu", threads: int = 0, num_loops: int | None = None,
-                 mmap: bool = True, prepack: bool = True, profile: bool = False):
+                 mmap: bool = True, prepack: bool = True, profile: bool = False, model_file: str = "model.onnx"):
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         c = self.manifest["config"]
@@ -54,6 +54,11 @@ class Runtime:
         self.n_begin, self.n_middle, self.n_end = int(c["n_begin"]), int(c["n_middle"]), int(c["n_end"])
         self.vocab_size = int(c["vocab_size"])
         self.ep, self.threads, self.mmap, self.prepack = ep, threads, mmap, prepack
+        if model_file not in ("model.onnx", "model.ort"):
+            raise RuntimeInputError(f"model file {model_file!r}: model.onnx or model.ort")
+        if not (self.folder / model_file).is_file():
+            raise RuntimeInputError(f"{self.folder}: no {model_file} (export with --ort for the ORT format)")
+        self.model_file = model_file
         self.providers = provider_names(ep)
         self._profile_dir = tempfile.mkdtemp(prefix="edgeloop-profile-") if profile else None
         if self._profile_dir is not None:  # removed with the Runtime (or by close())
@@ -63,7 +68,7 @@ class Runtime:
         if self.manifest.get("accuracy_level") is not None:  # QDQ: ORT's DQ+MatMul fusion would use level 4
             so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level",
                                         str(self.manifest["accuracy_level"]))
-        self.session = make_session(self.folder, self.providers, so, mmap)
+        self.session = make_session(self.folder, self.providers, so, mmap, model_file)
         self.has_num_loops = check_convention(self.session, self.n_layers, self.kv_heads, self.head_dim)
         self.out_names = [o.name for o in self.session.get_outputs()]
         self.num_loops = self._loops(num_loops)
@@ -237,7 +242,7 @@ class Runtime:
             so = session_options(self.threads, self.mmap, self.prepack, True, os.path.join(tmp, "run"))
             other = Runtime.__new__(Runtime)
             other.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_cleanup"})
-            other.session = make_session(self.folder, self.providers, so, self.mmap)
+            other.session = make_session(self.folder, self.providers, so, self.mmap, self.model_file)
             other.forward(*self._probe_feeds(), self.num_loops)
             return placement_from_profile(other.session.end_profiling())
         finally:

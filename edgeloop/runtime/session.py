@@ -116,7 +116,7 @@ def external_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.glob("model.onnx.data*") if p.is_file())
 
 
-def make_session(folder: Path, providers: list[str], so, mmap: bool = True):
+def make_session(folder: Path, providers: list[str], so, mmap: bool = True, model_file: str = "model.onnx"):
     """An InferenceSession on folder/model.onnx; with mmap=False the external data files are read into
     memory and handed to onnxruntime (otherwise onnxruntime maps them). Checks that the requested
     provider really is in the session (onnxruntime can drop one whose libraries fail to load)."""
@@ -134,10 +134,10 @@ def make_session(folder: Path, providers: list[str], so, mmap: bool = True):
         so.add_provider_for_devices([plugin_device(plugin)], {})  # CPU takes what the plugin does not
         kw = {}
     try:
-        sess = ort.InferenceSession(str(folder / "model.onnx"), so, **kw)
+        sess = ort.InferenceSession(str(folder / model_file), so, **kw)
     except Exception as e:  # onnxruntime raises its own exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RuntimeInputError(f"{folder / 'model.onnx'}: onnxruntime cannot load it ({first})") from None
+        raise RuntimeInputError(f"{folder / model_file}: onnxruntime cannot load it ({first})") from None
     if providers[0] not in sess.get_providers():
         raise ProviderUnavailableError(f"execution provider {providers[0]} failed to initialise "
                                        f"(onnxruntime fell back to {', '.join(sess.get_providers())})")
