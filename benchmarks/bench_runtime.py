@@ -169,7 +169,7 @@ def ort_quantized(fp32_export: Path, out: Path, algo: str, block_size: int) -> P
 LOOP0, LOOP, UNROLLED = "INT4 ONNX (Loop, acc 0)", "INT4 ONNX (Loop, acc 4)", "INT4 ONNX (unrolled, acc 4)"
 
 
-def build(ckpt: Path, work: Path, group_size: int) -> dict[str, Path]:
+def build(ckpt: Path, work: Path, group_size: int, method: str = "gptq") -> dict[str, Path]:
     """The rows' export folders. MatMulNBits accuracy level 0 computes in fp32 (the level onnxruntime's
     quantizer rows run at); level 4 quantizes activations to int8 per block (edgeloop run's default)."""
     from edgeloop.export import ExportConfig, export_checkpoint
@@ -178,7 +178,7 @@ def build(ckpt: Path, work: Path, group_size: int) -> dict[str, Path]:
     t = time.time()
     rows = {"fp32 ONNX (Loop)": work / "fp32"}
     export_checkpoint(ckpt, rows["fp32 ONNX (Loop)"], ExportConfig(format="fp32"))
-    quantize_checkpoint(ckpt, work / "int4-ck", QuantConfig(group_size=group_size), progress=False)
+    quantize_checkpoint(ckpt, work / "int4-ck", QuantConfig(group_size=group_size, algorithm=method), progress=False)
     for name, ec in ((LOOP0, ExportConfig()), (LOOP, ExportConfig(accuracy_level=4)),
                      (UNROLLED, ExportConfig(accuracy_level=4, unroll=True))):
         rows[name] = work / name.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "")
@@ -203,6 +203,8 @@ def main() -> None:
     ap.add_argument("ckpt", nargs="?", default=str(ROOT / "models" / "hyperloop-tiny"))
     ap.add_argument("--random-100m", action="store_true")
     ap.add_argument("--group-size", type=int, default=128)
+    ap.add_argument("--method", default=None, help="edgeloop's quantizer: gptq (edgeloop run's default) or rtn; "
+                    "default gptq, rtn for --random-100m (random weights: calibration means nothing)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--prefill", type=int, default=128)
     ap.add_argument("--decode", type=int, default=None, help="decode tokens (default 256; 128 for --random-100m)")
@@ -231,7 +233,7 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_runtime_"))
     t0 = time.time()
     ckpt = random_100m(work) if a.random_100m else Path(a.ckpt)
-    rows = build(ckpt, work, a.group_size)
+    rows = build(ckpt, work, a.group_size, a.method or ("rtn" if a.random_100m else "gptq"))
     r = json.loads((rows["fp32 ONNX (Loop)"] / "manifest.json").read_text())["num_loops"]
     ids = encode(load_tokenizer(ckpt), corpus_split("validation"))[:ppl_tokens]
     bw = memory_bandwidth(a.threads)
