@@ -123,4 +123,5 @@ def evaluate_drift(export_dir: str | os.PathLike, reference: str | os.PathLike |
             "drift_abs": ppl - ref_ppl, "tokens": n, "ep": ep, "num_loops": rt.num_loops, "ctx": ctx,
             "stride": ctx // 2, "reference": str(ref_dir), "model": str(export_dir), "format": m.get("format"),
             "text": str(text) if text else "demo validation split",
-            "quantization": (m.get("quantization_config") or {}).get("algorithm")}
+            "quantization": (m.get("quantization_config") or {}).get("algorithm"),
+            "placement": rt.placement() if ep != "cpu" else None}  # which provider ran which nodes

@@ -143,6 +143,7 @@ def probe(folder: str, ep: str = "cpu", threads: int = 0, prefill_tokens: int = 
            "decode_tokens": decoded, **decode_rates(stamps),
            "context": rt.ctx, "mmap": mmap, "prepack": prepack, "model_file": model_file}
     out["process_peak_rss_bytes"] = _peak_rss()
+    out["placement"] = rt.placement() if ep != "cpu" else None  # after the measurements: profiling is slow
     out.update(device_memory(ep))
     return out
 

@@ -77,8 +77,20 @@ def run_eval(out: Console, err: Console, model_dir: Path, reference: Optional[Pa
     t.add_row("reference (fp32 PyTorch)", f"{r['reference_ppl']:.4f}  ({r['reference']})")
     t.add_row("drift", f"{r['drift_abs']:+.4f} ({r['drift_pct']:+.3f}%)")
     t.add_row("tokens", f"{r['tokens']:,} scored from {r['text']}; windows of {r['ctx']}, stride {r['stride']}")
+    if r.get("placement"):
+        t.add_row("placement", placement_text(r["placement"]))
     out.print(t)
     return r
+
+
+def placement_text(placement: dict) -> str:
+    """'WebGpuExecutionProvider 606 nodes (MatMulNBits 42, ...); CPUExecutionProvider 21 nodes (Loop 1, ...)'."""
+    def ops(v: dict) -> str:
+        key = ("MatMulNBits", "Loop", "If", "MemcpyToHost", "MemcpyFromHost")  # the ones that tell where work ran
+        top = [(op, v["ops"][op]) for op in key if op in v["ops"]] + \
+            sorted(((o, n) for o, n in v["ops"].items() if o not in key), key=lambda kv: -kv[1])[:2]
+        return ", ".join(f"{op} {n}" for op, n in top)
+    return "; ".join(f"{p} {v['nodes']} nodes ({ops(v)})" for p, v in placement.items())
 
 
 def _mb(b: float) -> str:
@@ -130,6 +142,8 @@ def run_bench(out: Console, err: Console, model_dir: Path, ep: str, threads: int
     row("decode", "decode_tokens_per_s", f"{r['decode_tokens_per_s']:.1f} tokens/s "
         f"({r['decode_ms_per_token']:.2f} ms/token)")
     t.add_row("device memory", str(r["device_memory_note"]), *([""] if reference else []))
+    if r.get("placement"):
+        t.add_row("placement", placement_text(r["placement"]), *([""] if reference else []))
     out.print(t)
     if "sweep" in r:
         s = Table("num_loops", "effective layers", "perplexity", "decode tokens/s", "KV B/token",

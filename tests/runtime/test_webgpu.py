@@ -83,3 +83,16 @@ def test_missing_plugin_package_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
     with pytest.raises(ProviderUnavailableError, match="pip install onnxruntime-ep-webgpu"):
         provider_names("webgpu")
+
+
+def test_eval_reports_drift_and_placement_on_webgpu(webgpu, demo_int4, demo_dir, monkeypatch, capsys):
+    import json
+
+    from tests.conftest import run_cli
+
+    code, out, _ = run_cli(monkeypatch, capsys, "eval", demo_int4, "--ep", "webgpu", "--reference", demo_dir,
+                           "--tokens", "128", "--threads", "1", "--json")
+    assert code == 0
+    r = json.loads(out)
+    assert r["ep"] == "webgpu" and abs(r["drift_pct"]) < 2.0
+    assert r["placement"]["WebGpuExecutionProvider"]["ops"]["MatMulNBits"] > 0
