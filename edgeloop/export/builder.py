@@ -23,6 +23,7 @@ class GraphBuilder:
         self.root = parent.root if parent is not None else self
         self.prefix = prefix
         self.nodes: list[ir.Node] = []
+        self.memo: dict = {}  # values made once in this (sub)graph and shared by later nodes
         if parent is None:
             self.initializers: dict[str, ir.Value] = {}
             self._consts: dict[tuple, ir.Value] = {}

@@ -244,12 +244,10 @@ def by_loop(g: GraphBuilder, it, r: int, branch):
         lo_out, hi_out = (typed(pick(sb, *span), FLOAT, [None] * 4) for sb, span in ((lo_b, (lo, mid)), (hi_b, (mid, hi))))
         return b.If(below(mid), then_branch=lo_b.graph([], [lo_out], f"loops{lo}_{mid}"),
                     else_branch=hi_b.graph([], [hi_out], f"loops{mid}_{hi}"))
-    shared = g.__dict__.setdefault("_below", {})
-
     def below(mid: int):  # it < mid, made once per body and shared by every layer's tree
-        if mid not in shared:
-            shared[mid] = g.Less(it, g.const(mid))
-        return shared[mid]
+        if ("below", mid) not in g.memo:
+            g.memo["below", mid] = g.Less(it, g.const(mid))
+        return g.memo["below", mid]
     return pick(g, 0, r)
 
 

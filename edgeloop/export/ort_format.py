@@ -32,7 +32,9 @@ def convert(folder: Path, cfg) -> dict:
     with tempfile.TemporaryDirectory(prefix="edgeloop-ort-") as tmp:
         src, dst = Path(tmp) / "src", Path(tmp) / "dst"
         src.mkdir()
-        os.link(folder / "model.onnx", src / "model.onnx") if _same_fs(folder, src) else \
+        try:  # the converter works on a folder of its own; a hard link saves copying the model
+            os.link(folder / "model.onnx", src / "model.onnx")
+        except OSError:
             shutil.copyfile(folder / "model.onnx", src / "model.onnx")
         old = os.environ.get("ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL")
         os.environ["ORT_CONVERT_ONNX_MODELS_TO_ORT_OPTIMIZATION_LEVEL"] = OPTIMIZATION  # the tool's own knob
@@ -76,13 +78,6 @@ def same_logits(folder: Path, cfg) -> float:
             ids = outs[0][:, -1:].argmax(-1).astype(np.int64)
         runs.append(logits)
     return max(float(np.abs(a - b).max()) for a, b in zip(*runs))
-
-
-def _same_fs(a: Path, b: Path) -> bool:
-    try:
-        return os.stat(a).st_dev == os.stat(b).st_dev
-    except OSError:
-        return False
 
 
 def _quietly(fn):
