@@ -5,9 +5,12 @@ into the onnxruntime wheel.
 
 A plugin EP is registered once per process (`ort.register_execution_provider_library`), then a session
 takes one of its devices with `SessionOptions.add_provider_for_devices`; onnxruntime's CPU provider runs
-what the plugin does not take (for WebGPU: the `Loop` and `If` nodes themselves, their bodies' math on
-the GPU). A software adapter (Mesa's lavapipe: correct, slow) is only offered when
-ORT_WEBGPU_EP_ALLOW_SOFTWARE_ADAPTER=1 is set before the first registration (`allow_software_adapter()`).
+what the plugin does not take (for WebGPU: the `Loop` node itself, which has no WebGPU kernel, and a few
+shape ops; the Loop body's nodes, its `If`s included, run on the GPU). A software adapter (Mesa's lavapipe:
+correct, ~50x slower than the CPU provider) is only offered when the user asks for it, by setting
+ORT_WEBGPU_EP_ALLOW_SOFTWARE_ADAPTER=1 before the first registration (`allow_software_adapter()`); it is
+never picked silently. With it set the plugin lists the CPU itself as a device, so a missing Vulkan driver
+shows only when a session asks Dawn for an adapter (`session_failure` turns that into the same message).
 """
 from __future__ import annotations
 
@@ -60,12 +63,29 @@ def plugin_device(ep: str):
         _registered.add(ep)
     devices = [d for d in ort.get_ep_devices() if d.ep_name == provider]
     if not devices:
-        hint = "" if os.environ.get(SOFTWARE_ENV) == "1" else \
-            f"; for a software adapter (Mesa lavapipe, slow but exact) set {SOFTWARE_ENV}=1"
-        raise PluginUnavailable(f"execution provider '{ep}': no WebGPU adapter found (needs a GPU with Vulkan, "
-                                f"Metal or D3D12 drivers{hint})")
+        raise PluginUnavailable(no_adapter(ep))
     gpus = [d for d in devices if d.device.type == ort.OrtHardwareDeviceType.GPU]
     return (gpus or devices)[0]
+
+
+def no_adapter(ep: str) -> str:
+    """The one-line 'no WebGPU adapter found' message, with the hint that fits the environment."""
+    if os.environ.get(SOFTWARE_ENV) == "1":
+        hint = ("; software adapters are allowed, but Vulkan offers none: install Mesa's lavapipe "
+                "(mesa-vulkan-drivers >= 25, scripts/system-deps.sh)")
+    else:
+        hint = f"; for a software adapter (Mesa lavapipe, slow but exact) set {SOFTWARE_ENV}=1"
+    return (f"execution provider '{ep}': no WebGPU adapter found "
+            f"(needs a GPU with Vulkan, Metal or D3D12 drivers{hint})")
+
+
+def session_failure(ep: str, error: str) -> str | None:
+    """A clear one-line message for a session that plugin `ep` failed to create, or None when the error is
+    not the plugin's. With software adapters allowed the plugin lists the CPU itself as its device, so a
+    missing Vulkan driver only shows when the session asks Dawn for an adapter."""
+    if ep == "webgpu" and "Failed to get a WebGPU adapter" in error:
+        return no_adapter(ep)
+    return None
 
 
 def device_description(dev) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from edgeloop.runtime.plugins import PLUGINS, PluginUnavailable, is_registered, plugin_device
+from edgeloop.runtime.plugins import PLUGINS, PluginUnavailable, is_registered, plugin_device, session_failure
 
 # the short names edgeloop accepts -> onnxruntime's provider names
 PROVIDERS: dict[str, str] = {
@@ -137,6 +137,8 @@ def make_session(folder: Path, providers: list[str], so, mmap: bool = True, mode
         sess = ort.InferenceSession(str(folder / model_file), so, **kw)
     except Exception as e:  # onnxruntime raises its own exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if plugin is not None and (clear := session_failure(plugin, str(e))):
+            raise ProviderUnavailableError(clear) from None
         raise RuntimeInputError(f"{folder / model_file}: onnxruntime cannot load it ({first})") from None
     if providers[0] not in sess.get_providers():
         raise ProviderUnavailableError(f"execution provider {providers[0]} failed to initialise "
