@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-ROWS = [  # (label, QuantConfig overrides)
+ROWS = [  # (label, QuantConfig overrides); the defaults quantize the tied embedding to INT8
     ("RTN G=32", dict(algorithm="rtn", group_size=32)),
     ("RTN G=64", dict(algorithm="rtn", group_size=64)),
     ("RTN G=128", dict(algorithm="rtn", group_size=128)),
@@ -31,8 +31,10 @@ ROWS = [  # (label, QuantConfig overrides)
     ("GPTQ G=128", dict(algorithm="gptq", group_size=128)),
     ("RTN G=128 --quantize-hc", dict(algorithm="rtn", group_size=128, quantize_hc=True)),
     ("GPTQ G=128 --quantize-hc", dict(algorithm="gptq", group_size=128, quantize_hc=True)),
-    ("RTN G=128 --quantize-embedding", dict(algorithm="rtn", group_size=128, quantize_embedding=True)),
-    ("GPTQ G=128 --quantize-embedding", dict(algorithm="gptq", group_size=128, quantize_embedding=True)),
+    ("RTN G=128 --keep-embedding", dict(algorithm="rtn", group_size=128, quantize_embedding=False)),
+    ("GPTQ G=128 --keep-embedding", dict(algorithm="gptq", group_size=128, quantize_embedding=False)),
+    ("RTN G=128 --embedding-bits 4", dict(algorithm="rtn", group_size=128, embedding_bits=4)),
+    ("GPTQ G=128 --embedding-bits 4", dict(algorithm="gptq", group_size=128, embedding_bits=4)),
     ("GPTQ G=128 --keep-dtype float16", dict(algorithm="gptq", group_size=128, keep_dtype="float16")),
 ]
 EXTRA_ROWS = [

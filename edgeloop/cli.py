@@ -214,7 +214,8 @@ def quantize(
     scale_dtype: str = typer.Option("float16", help="float16 or float32"),
     keep_dtype: str = typer.Option("float32", help="dtype of tensors kept unquantized: float32 or float16"),
     quantize_embedding: Optional[bool] = typer.Option(None, "--quantize-embedding/--keep-embedding",
-                                                      help="INT4 the embedding (and a tied lm_head)"),
+                                                      help="quantize the embedding (and a tied lm_head); default on"),
+    embedding_bits: int = typer.Option(8, help="bits of a quantized embedding: 8 (default) or 4"),
     quantize_lm_head: Optional[bool] = typer.Option(None, "--quantize-lm-head/--keep-lm-head",
                                                     help="INT4 an untied lm_head"),
     quantize_hc: bool = typer.Option(False, "--quantize-hc", help="INT4 the hyper-connection matrices too (to measure)"),
@@ -231,7 +232,7 @@ def quantize(
 
     defaults = QuantConfig()
     q = QuantConfig(bits=bits, group_size=group_size, sym=sym, algorithm=method, scale_dtype=scale_dtype,
-                    keep_dtype=keep_dtype, quantize_hc=quantize_hc,
+                    keep_dtype=keep_dtype, quantize_hc=quantize_hc, embedding_bits=embedding_bits,
                     quantize_embedding=defaults.quantize_embedding if quantize_embedding is None else quantize_embedding,
                     quantize_lm_head=defaults.quantize_lm_head if quantize_lm_head is None else quantize_lm_head,
                     calib_text=str(calib_text) if calib_text else None, calib_samples=calib_samples,
@@ -244,8 +245,9 @@ def quantize(
         out.print_json(json.dumps(r))
         return
     t = Table(title=f"{in_dir} → {out_dir}", show_header=False)
+    emb = f"embedding INT{embedding_bits}" if q.quantize_embedding else "embedding kept"
     t.add_row("method", f"INT4 {method}, G={group_size}, {'sym' if sym else 'asym'}, {scale_dtype} scales, "
-                        f"kept tensors {keep_dtype}")
+                        f"{emb}, kept tensors {keep_dtype}")
     t.add_row("tensors quantized", f"{r['tensors_quantized']}")
     why: dict[str, int] = {}
     for reason in r["kept"].values():

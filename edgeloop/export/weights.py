@@ -2,8 +2,10 @@
 
 Linear y = x W^T by format:
   fp32 / fp16   MatMul(x, W^T)                 (fp16: stored half, Cast to float at use)
-  matmulnbits   com.microsoft.MatMulNBits(x, qweight [N, K/G, G/2], scales [N*K/G], zero_points)
-  qdq           MatMul(x, DequantizeLinear(q [K, N] (u)int4, scale [K/G, N], zp, axis=0, block_size=G))
+  matmulnbits   com.microsoft.MatMulNBits(x, qweight [N, K/G, G*bits/8], scales [N*K/G], zero_points)
+  qdq           MatMul(x, DequantizeLinear(q [K, N] (u)int4 / (u)int8, scale [K/G, N], zp, axis=0, block_size=G))
+A quantized tied embedding (INT8 by default, or INT4) is ONE initializer read by both
+com.microsoft.GatherBlockQuantized (the lookup, blocks along the last axis) and MatMulNBits (the lm_head).
 The quantized checkpoint layout (edgeloop.quantize) is MatMulNBits' own, so matmulnbits is a reshape.
 """
 from __future__ import annotations
@@ -39,6 +41,7 @@ class Weights:
         self.folder = Path(folder)
         raw = json.loads((self.folder / "config.json").read_text())
         self.q = raw.get("quantization_config")
+        self.vocab_size, self.d_model = raw["vocab_size"], raw["d_model"]
         if fmt in ("matmulnbits", "qdq") and not self.q:
             raise ValueError(f"--format {fmt} needs a quantized checkpoint (run `edgeloop quantize` first) "
                              f"or use --format fp32 / fp16")
@@ -106,73 +109,109 @@ class Weights:
         half = self.fmt == "fp16" or w.dtype == torch.float16 and self.fmt != "fp32"
         return g.MatMul(x, self._float(g, f"{module}.weight_t", w.float().t().contiguous().numpy(), half))
 
+    def bits(self, module: str) -> int:
+        """Code width of a quantized module: the embedding at the folder's embedding_bits, the rest 4."""
+        return (self.q.get("embedding_bits") or 4) if module == "embed" and self.q else 4
+
     def _qparts(self, module: str):
-        qw = self.tensor(f"{module}.qweight").numpy()  # [N, nb, G/2]
+        qw = self.tensor(f"{module}.qweight").numpy()  # [N, nb, G*bits/8]
         scales = self.tensor(f"{module}.scales").float().numpy()  # [N, nb]
         qz = self.tensor(f"{module}.qzeros").numpy() if f"{module}.qzeros" in self.keys else None
         return qw, scales, qz
 
     def _linear_q(self, g: GraphBuilder, x: ir.Value, module: str) -> ir.Value:
         qw, scales, qz = self._qparts(module)
-        N, nb, half_g = qw.shape
-        G, K = 2 * half_g, nb * 2 * half_g
+        bits = self.bits(module)
+        N, nb, width = qw.shape
+        G = width * 8 // bits
+        K = nb * G
         if self.fmt == "matmulnbits":
             b = self._once(g, f"{module}.qweight", lambda: g.initializer(f"{module}.qweight", qw))
             s = self._once(g, f"{module}.scales", lambda: g.initializer(f"{module}.scales", scales.reshape(-1)))
             ins = [x, b, s]
             if qz is not None:
                 ins.append(self._once(g, f"{module}.qzeros", lambda: g.initializer(f"{module}.qzeros", qz.reshape(-1))))
-            return g.MatMulNBits(*ins, _domain=MS_DOMAIN, K=K, N=N, bits=4, block_size=G,
+            return g.MatMulNBits(*ins, _domain=MS_DOMAIN, K=K, N=N, bits=bits, block_size=G,
                                  accuracy_level=self.accuracy_level)
-        return g.MatMul(x, self._dq(g, module, qw, scales, qz))
+        return g.MatMul(x, self._dq(g, module, qw, scales, qz, bits))
 
-    def _dq(self, g: GraphBuilder, module: str, qw, scales, qz) -> ir.Value:
-        """Standard-ONNX blocked DequantizeLinear of W^T [K, N] (opset 21 int4/uint4), one node per weight
-        in the main graph (a Loop body reads its output from the outer scope)."""
-        N, nb, half_g = qw.shape
-        G, r = 2 * half_g, g.root
+    def _dq(self, g: GraphBuilder, module: str, qw, scales, qz, bits: int = 4) -> ir.Value:
+        """Standard-ONNX blocked DequantizeLinear of W^T [K, N] (opset 21 (u)int4 / (u)int8), one node per
+        weight in the main graph (a Loop body reads its output from the outer scope)."""
+        N, nb, width = qw.shape
+        G, r = width * 8 // bits, g.root
+        codes = unpack_nibbles if bits == 4 else (lambda a: a)
+        signed, unsigned = (ir.DataType.INT4, ir.DataType.UINT4) if bits == 4 else (ir.DataType.INT8, ir.DataType.UINT8)
 
         def make():
-            q = unpack_nibbles(qw).reshape(N, nb * G).T.copy()  # [K, N] in 0..15
+            q = codes(qw).reshape(N, nb * G).T.copy()  # [K, N] in 0..2^bits-1
             scale = r.initializer(f"{module}.scales_t", scales.T.copy())
-            if qz is None:  # symmetric: int4 = q - 8, zero point 0
-                data = r.initializer(f"{module}.q_t", ir.tensor(q.astype(np.int8) - 8, dtype=ir.DataType.INT4))
+            if qz is None:  # symmetric: signed q - 2^(bits-1), zero point 0
+                data = r.initializer(f"{module}.q_t", ir.tensor((q.astype(np.int16) - (1 << (bits - 1))).astype(np.int8), dtype=signed))
                 return r.DequantizeLinear(data, scale, axis=0, block_size=G)
-            data = r.initializer(f"{module}.q_t", ir.tensor(q, dtype=ir.DataType.UINT4))
-            zp = unpack_nibbles(qz)[:, :nb].T.copy()  # [nb, N]
-            zero = r.initializer(f"{module}.zeros_t", ir.tensor(zp, dtype=ir.DataType.UINT4))
+            data = r.initializer(f"{module}.q_t", ir.tensor(q, dtype=unsigned))
+            zp = codes(qz)[:, :nb].T.copy()  # [nb, N]
+            zero = r.initializer(f"{module}.zeros_t", ir.tensor(zp, dtype=unsigned))
             return r.DequantizeLinear(data, scale, zero, axis=0, block_size=G)
 
         return self._once(g, f"{module}#dq", make)
 
     # ---- embedding and head --------------------------------------------------------------
     def embedding(self, g: GraphBuilder, ids: ir.Value) -> ir.Value:
-        if self.is_quantized("embed"):
+        """x = E[ids]. A quantized E in matmulnbits: GatherBlockQuantized on the codes [V, nb, G*bits/8] (the
+        bytes the lm_head's MatMulNBits reads too); otherwise Gather on the float (or dequantized) table."""
+        if self.is_quantized("embed") and self.fmt == "matmulnbits":
             qw, scales, qz = self._qparts("embed")
-            V, nb, half_g = qw.shape
+            bits = self.bits("embed")
+            V, nb, width = qw.shape
+            G = width * 8 // bits
             data = self._once(g, "embed.qweight", lambda: g.initializer("embed.qweight", qw))
-            s = self._once(g, "embed.scales_2d", lambda: g.initializer("embed.scales_2d", scales))
-            ins = [g.Reshape(data, g.const([V, nb * half_g])), ids, s]
-            if qz is not None:
-                ins.append(self._once(g, "embed.qzeros", lambda: g.initializer("embed.qzeros", qz)))
-            return g.GatherBlockQuantized(*ins, _domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
-                                          block_size=2 * half_g, bits=4)
-        w = self.tensor("embed.weight")
-        return g.Gather(self._embed_table(g, w), ids, axis=0)
+            s = self._once(g, "embed.scales_3d", lambda: g.initializer("embed.scales_3d", scales[..., None]))
+            ins = [data, ids, s]
+            if qz is not None:  # one zero point per block, [V, nb, 1] (a 4-bit one in the low nibble)
+                zp = (unpack_nibbles(qz) if bits == 4 else qz)[:, :nb, None].copy()
+                ins.append(self._once(g, "embed.qzeros_3d", lambda: g.initializer("embed.qzeros_3d", zp)))
+            rows = g.GatherBlockQuantized(*ins, _domain=MS_DOMAIN, gather_axis=0, quantize_axis=2,
+                                          block_size=G, bits=bits)  # [B, S, nb, G]
+            return g.Reshape(rows, g.const([0, 0, nb * G]))
+        return g.Gather(self._table(g), ids, axis=0)
 
-    def _embed_table(self, g: GraphBuilder, w: torch.Tensor) -> ir.Value:
-        half = self.fmt == "fp16" or (w.dtype == torch.float16 and self.fmt != "fp32")
-        return self._float(g, "embed.weight", w.float().numpy(), half)
+    def _table(self, g: GraphBuilder) -> ir.Value:
+        """The embedding table [V, d] in float: stored (fp32, or fp16 + Cast), or, quantized in the qdq
+        format, one standard DequantizeLinear of its codes along d (read by the lookup and the tied head)."""
+        if not self.is_quantized("embed"):
+            w = self.tensor("embed.weight")
+            half = self.fmt == "fp16" or (w.dtype == torch.float16 and self.fmt != "fp32")
+            return self._float(g, "embed.weight", w.float().numpy(), half)
+        qw, scales, qz = self._qparts("embed")
+        bits, r = self.bits("embed"), g.root
+        V, nb, width = qw.shape
+        G = width * 8 // bits
+        codes = unpack_nibbles if bits == 4 else (lambda a: a)
+        signed, unsigned = (ir.DataType.INT4, ir.DataType.UINT4) if bits == 4 else (ir.DataType.INT8, ir.DataType.UINT8)
+
+        def make():
+            q = codes(qw).reshape(V, nb * G)
+            scale = r.initializer("embed.scales", scales)
+            if qz is None:
+                data = r.initializer("embed.q", ir.tensor((q.astype(np.int16) - (1 << (bits - 1))).astype(np.int8),
+                                                          dtype=signed))
+                return r.DequantizeLinear(data, scale, axis=1, block_size=G)
+            data = r.initializer("embed.q", ir.tensor(q, dtype=unsigned))
+            zero = r.initializer("embed.zeros", ir.tensor(codes(qz)[:, :nb].copy(), dtype=unsigned))
+            return r.DequantizeLinear(data, scale, zero, axis=1, block_size=G)
+
+        return self._once(g, "embed#dq", make)
 
     def lm_head(self, g: GraphBuilder, x: ir.Value) -> ir.Value:
-        """logits = x E^T (tied) or x W_head^T; a tied float table is read by Gemm(transB) so it is stored once."""
+        """logits = x E^T (tied) or x W_head^T. A tied quantized E is MatMulNBits on the embedding's own
+        codes; a float (or qdq-dequantized) table is read by Gemm(transB), so it is stored once either way."""
         if "lm_head.weight" in self.keys or self.is_quantized("lm_head"):
             return self.linear(g, x, "lm_head")
-        if self.is_quantized("embed"):
+        if self.is_quantized("embed") and self.fmt == "matmulnbits":
             return self.linear(g, x, "embed")
-        w = self.tensor("embed.weight")
-        d = w.shape[1]
+        table, V, d = self._table(g), self.vocab_size, self.d_model
         lead = g.Shape(x, start=0, end=-1)
-        y = g.Gemm(g.Reshape(x, g.const([-1, d])), self._embed_table(g, w), transB=1)
-        return g.Reshape(y, g.Concat(lead, g.const([w.shape[0]]), axis=0))
+        y = g.Gemm(g.Reshape(x, g.const([-1, d])), table, transB=1)
+        return g.Reshape(y, g.Concat(lead, g.const([V]), axis=0))
 

@@ -1,7 +1,7 @@
 """`quantize_(model, cfg)`: INT4 in place on a Hyperloop model, RTN or loop-aware sequential GPTQ.
 
 Order (each step sees the already-quantized earlier ones, as in the GPTQ paper):
-    embedding (rtn, if quantize_embedding) and hc matrices (rtn, if quantize_hc)
+    embedding (rtn at embedding_bits, if quantize_embedding) and hc matrices (rtn, if quantize_hc)
     begin layers -> inject -> middle layers -> end layers -> lm_head (if quantize_lm_head, untied)
 Within a block: q/k/v together (one shared Hessian), attn out, fc/gate together, mlp down.
 GPTQ, per block: the calibration windows run through the partially quantized model once, and a pre-hook
@@ -177,9 +177,12 @@ def quantize_(model: Hyperloop, cfg: QuantConfig, calib_ids: torch.Tensor | np.n
         model.int4_params = {}
     layers: list[dict] = []
     if "embed.weight" in quant:
-        emb = QuantEmbedding(*_rtn(model.embed.weight, cfg), cfg.group_size, cfg.sym)
+        bits = cfg.embedding_bits
+        emb = QuantEmbedding(*rtn(model.embed.weight, cfg.group_size, cfg.sym, cfg.scale_dtype, bits),
+                             cfg.group_size, cfg.sym, bits)
         emb.cache(cfg.algorithm == "gptq")
         set_module(model, "embed", emb)
+        layers.append({"name": "embed", "algorithm": "rtn", "bits": bits})
         step("embed", 1)
     if cfg.quantize_hc:
         done = quantize_hc_params(model, cfg)

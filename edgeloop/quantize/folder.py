@@ -28,7 +28,7 @@ from edgeloop.model.config import HyperloopConfig
 from edgeloop.model.inspect import tensor_role
 from edgeloop.model.model import Hyperloop, rope_tables
 from edgeloop.quantize.config import (FORMAT, HC_MATRICES, QUANT_METHOD, QuantConfig, QuantizeError, plan, prefix,
-                                      quantization_config)
+                                      quantization_config, tensor_bits)
 from edgeloop.quantize.modules import QuantEmbedding, QuantLinear, set_module
 from edgeloop.quantize.packing import SCALE_TORCH, dequantize, packed_shapes, rtn
 
@@ -109,7 +109,8 @@ def output_header(inputs: dict[str, tuple[torch.dtype, tuple[int, ...]]], quant:
     for name, (_, shape) in inputs.items():
         if name in quant:
             wshape = (shape[0], shape[2], shape[1]) if name in HC_MATRICES else shape
-            for part, s in packed_shapes(wshape, q.group_size, q.sym).items():
+            bits = tensor_bits(name, q.embedding_bits)
+            for part, s in packed_shapes(wshape, q.group_size, q.sym, bits).items():
                 out[f"{prefix(name)}.{part}"] = (SCALE_TORCH[q.scale_dtype] if part == "scales" else torch.uint8, s)
         else:
             out[name] = (KEEP_TORCH[q.keep_dtype], shape)
@@ -124,7 +125,8 @@ def _packed_items(name: str, packed: tuple) -> list[tuple[str, torch.Tensor]]:
 def rtn_tensor(name: str, w: torch.Tensor, q: QuantConfig) -> tuple:
     """Packed RTN of one stored tensor (hc matrices [r, K, N] are quantized as w[l]^T)."""
     w = w.float()
-    return rtn(w.transpose(-1, -2) if name in HC_MATRICES else w, q.group_size, q.sym, q.scale_dtype)
+    return rtn(w.transpose(-1, -2) if name in HC_MATRICES else w, q.group_size, q.sym, q.scale_dtype,
+               tensor_bits(name, q.embedding_bits))
 
 
 # ---- writing a folder -------------------------------------------------------------------------
@@ -145,7 +147,7 @@ elements per output row, {'symmetric (implicit zero point 8)' if qc['sym'] else 
 | | |
 |---|---|
 | architecture | begin {cfg.n_begin} -> middle {cfg.n_middle} x {cfg.num_loops} loops -> end {cfg.n_end}, d = {cfg.d_model}, hc = {cfg.hc} |
-| tensors quantized | {counts['quantized']} (all block Linears{', embedding' if qc['quantize_embedding'] else ''}{', lm_head' if qc['quantize_lm_head'] else ''}{', hc matrices' if qc['quantize_hc'] else ''}) |
+| tensors quantized | {counts['quantized']} (all block Linears{f", embedding (INT{qc.get('embedding_bits') or 4})" if qc['quantize_embedding'] else ''}{', lm_head' if qc['quantize_lm_head'] else ''}{', hc matrices' if qc['quantize_hc'] else ''}) |
 | tensors kept ({qc['keep_dtype']}) | {counts['kept']} (norms, hyper-connection parameters{'' if qc['quantize_embedding'] else ', embedding'}) |
 | model.safetensors | {counts['bytes_before']:,} bytes -> {counts['bytes_after']:,} bytes |
 
@@ -322,7 +324,9 @@ def load_quantized(path: str | os.PathLike) -> Hyperloop:
     if qc.get("bits") != 4 or qc.get("group_size") not in (16, 32, 64, 128, 256) or not isinstance(qc.get("sym"), bool):
         raise CheckpointError(f"{path / 'config.json'}: quantization_config bits/group_size/sym are not supported "
                               f"({qc.get('bits')}, {qc.get('group_size')}, {qc.get('sym')})")
-    G, sym = qc["group_size"], qc["sym"]
+    G, sym, emb_bits = qc["group_size"], qc["sym"], qc.get("embedding_bits") or 4
+    if emb_bits not in (4, 8):
+        raise CheckpointError(f"{path / 'config.json'}: quantization_config.embedding_bits = {emb_bits!r} (4 or 8)")
     cfg = load_config(path)
     st = path / "model.safetensors"
     with torch.device("meta"):
@@ -338,7 +342,8 @@ def load_quantized(path: str | os.PathLike) -> Hyperloop:
             if f"{p}.qweight" in keys:
                 wshape = (shape[0], shape[2], shape[1]) if name in HC_MATRICES else shape
                 parts = {}
-                for part, s in packed_shapes(wshape, G, sym).items():
+                bits = tensor_bits(name, emb_bits)
+                for part, s in packed_shapes(wshape, G, sym, bits).items():
                     if f"{p}.{part}" not in keys:
                         raise CheckpointError(f"{st}: tensor '{p}.{part}' is missing")
                     t = read_tensor(f, f"{p}.{part}", st)
@@ -352,7 +357,7 @@ def load_quantized(path: str | os.PathLike) -> Hyperloop:
                 if role in ("linear", "lm_head") and name.endswith(".weight"):
                     set_module(model, p, QuantLinear(*packed, G, sym))
                 elif name == "embed.weight":
-                    set_module(model, "embed", QuantEmbedding(*packed, G, sym))
+                    set_module(model, "embed", QuantEmbedding(*packed, G, sym, bits))
                 else:  # hc matrix / loop embedding: dequantized into the parameter
                     deq = dequantize(*packed, G, sym)
                     state[name] = deq.transpose(-1, -2).contiguous() if name in HC_MATRICES else deq

@@ -23,9 +23,9 @@ class _Packed(nn.Module):
     """Holds qweight [N, n_blocks, G/2], scales [N, n_blocks] and (asymmetric) qzeros [N, ceil(n_blocks/2)]."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
-                 group_size: int, sym: bool):
+                 group_size: int, sym: bool, bits: int = 4):
         super().__init__()
-        self.group_size, self.sym = group_size, sym
+        self.group_size, self.sym, self.bits = group_size, sym, bits
         self.out_features = qweight.shape[0]
         self.in_features = qweight.shape[1] * group_size
         self.register_buffer("qweight", qweight)
@@ -44,13 +44,13 @@ class _Packed(nn.Module):
         """The float32 weight [N, K] these codes stand for."""
         if self._cached is not None:
             return self._cached
-        w = dequantize(self.qweight, self.scales, self.qzeros, self.group_size, self.sym)
+        w = dequantize(self.qweight, self.scales, self.qzeros, self.group_size, self.sym, self.bits)
         if self._keep:
             self._cached = w
         return w
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, int4 "
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int{self.bits} "
                 f"G={self.group_size}, {'sym' if self.sym else 'asym'}, scales {self.scales.dtype}")
 
 
@@ -62,7 +62,7 @@ class QuantLinear(_Packed):
 
 
 class QuantEmbedding(_Packed):
-    """An embedding table [V, d] stored as INT4 blocks along d."""
+    """An embedding table [V, d] stored as INT4 or INT8 blocks along d."""
 
     @property
     def weight(self) -> torch.Tensor:

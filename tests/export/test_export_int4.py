@@ -134,3 +134,22 @@ def test_optimum_generates_the_same_tokens(demo_int4):
                      max_new_tokens=20, do_sample=False)
     assert out[0, len(ids):].tolist() == ref
     assert json.loads((onnx_dir / "config.json").read_text())["num_hidden_layers"] == load_model(q).cfg.effective_layers
+
+
+@pytest.mark.parametrize("bits,sym", [(8, False), (4, True)])
+def test_tied_embedding_codes_stored_once_for_lookup_and_head(tmp_path, bits, sym):
+    """The quantized tied embedding is one initializer read by GatherBlockQuantized (lookup) and MatMulNBits
+    (lm_head); the export's own parity check against the dequantized PyTorch reference passes."""
+    tok = train_tokenizer("In the beginning God created the heaven and the earth.\n" * 50, 300)
+    save_checkpoint(perturbed("test-dynamic"), tmp_path / "ck", tokenizer=tok)
+    quantize_checkpoint(tmp_path / "ck", tmp_path / "q", QuantConfig(embedding_bits=bits, sym=sym, group_size=32),
+                        progress=False)
+    rep = export_checkpoint(tmp_path / "q", tmp_path / "x", ExportConfig())
+    assert rep["parity"]["max_abs_err"] <= rep["parity"]["tolerance"]
+    m = onnx.load(str(tmp_path / "x" / "model.onnx"))
+    readers = sorted(n.op_type for n in m.graph.node if "embed.qweight" in n.input)
+    assert readers == ["GatherBlockQuantized", "MatMulNBits"]
+    assert {a.name: a.i for n in m.graph.node if n.op_type == "GatherBlockQuantized" for a in n.attribute}["bits"] == bits
+    init = {i.name: i for i in m.graph.initializer}
+    assert "embed.weight" not in init and list(init["embed.qweight"].dims) == [320, 2, 32 * bits // 8]
+    assert not [n for n in m.graph.node if n.op_type == "Gemm"]  # no float head left

@@ -86,6 +86,21 @@ def test_rtn_error_within_half_a_step(sym, scale_dtype, G):
     assert err[1, 0].max() == 0  # zeros stay exactly zero
 
 
+@pytest.mark.parametrize("sym", [False, True])
+def test_int8_codes_one_per_byte_within_half_a_step(sym):
+    """The embedding's 8-bit layout: qweight [N, nb, G], qzeros [N, nb] unpacked, error <= scale / 2, and
+    scale 1/255 of the range (16x finer than 4 bits)."""
+    w = torch.randn(12, 128, generator=torch.Generator().manual_seed(2))
+    qw, sc, qz = rtn(w, 32, sym, "float16", bits=8)
+    assert qw.shape == (12, 4, 32) and sc.shape == (12, 4) and (qz is None) == sym and (sym or qz.shape == (12, 4))
+    deq = dequantize(qw, sc, qz, 32, sym, bits=8)
+    assert ((w - deq).abs().view(12, 4, 32) <= sc.float().unsqueeze(-1) / 2 * (1 + 1e-5)).all()
+    q4 = rtn(w, 32, sym, "float16")
+    assert (w - deq).abs().mean() < (w - dequantize(*q4, 32, sym)).abs().mean() / 8
+    with pytest.raises(ValueError, match="group_size says 32"):
+        dequantize(qw, sc, qz, 32, sym)  # 4-bit reading of 8-bit codes: refused, not misread
+
+
 # ---- GPTQ -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("act_order,sym", [(False, False), (True, False), (False, True)])
 def test_gptq_beats_rtn_on_correlated_inputs(act_order, sym):
@@ -113,6 +128,8 @@ def test_gptq_is_loop_aware_and_lowers_every_layer_error(name):
     rep = quantize_(m, QuantConfig(algorithm="gptq", group_size=32), ids)
     layers = {x["name"]: x for x in rep["layers"]}
     assert len(layers) == len(rep["quantized"])
+    assert layers.pop("embed") == {"name": "embed", "algorithm": "rtn", "bits": 8}  # the default INT8 embedding
+    assert isinstance(m.embed, QuantEmbedding) and m.embed.bits == 8
     for lname, x in layers.items():
         want = r * S * T if lname.startswith(("middle.", "inject")) else S * T
         assert x["nsamples"] == want, (lname, x["nsamples"], want)
@@ -139,12 +156,15 @@ def test_kept_tensors_byte_identical_and_format(work, tmp_path, src, keep):
     outp = load_file(str(out / "model.safetensors"))
     hc_or_norm = [k for k in inp if k.startswith(("hc.", "loop_embed")) or "norm" in k]
     assert len(hc_or_norm) >= 10
-    for k in hc_or_norm + ["embed.weight"]:
+    for k in hc_or_norm:
         assert outp[k].dtype == inp[k].dtype and torch.equal(outp[k].view(torch.uint8), inp[k].view(torch.uint8)), k
     for k in rep["quantized"]:
         p = k[:-len(".weight")]
         assert k not in outp and outp[f"{p}.qweight"].dtype == torch.uint8 and f"{p}.qzeros" in outp
-        assert outp[f"{p}.qweight"].shape == (inp[k].shape[0], inp[k].shape[1] // 32, 16)
+        width = 32 if k == "embed.weight" else 16  # the embedding: INT8 by default, one code per byte
+        assert outp[f"{p}.qweight"].shape == (inp[k].shape[0], inp[k].shape[1] // 32, width)
+    assert qc["quantize_embedding"] is True and qc["embedding_bits"] == 8
+    assert outp["embed.qzeros"].shape == (inp["embed.weight"].shape[0], inp["embed.weight"].shape[1] // 32)
     assert rep["linear_ratio_vs_fp32"] <= 0.16
     assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors", "tokenizer.json",
                                                "tokenizer_config.json", "README.md"}
@@ -174,8 +194,8 @@ def test_reload_matches_in_memory_reference_and_perplexity(work, tmp_path):
 def test_every_variant_with_embedding_lm_head_and_hc(tmp_path, tok, name):
     m = perturbed(name)
     save_checkpoint(m, tmp_path / "ck", tokenizer=tok)
-    q = QuantConfig(group_size=16, sym=True, scale_dtype="float32", quantize_embedding=True, quantize_lm_head=True,
-                    quantize_hc=True)
+    q = QuantConfig(group_size=16, sym=True, scale_dtype="float32", quantize_embedding=True, embedding_bits=4,
+                    quantize_lm_head=True, quantize_hc=True)
     rep = quantize_checkpoint(tmp_path / "ck", tmp_path / "q", q, progress=False)
     back = load_model(tmp_path / "q")
     assert isinstance(back.embed, QuantEmbedding)
@@ -206,7 +226,7 @@ def test_cli_json_summary(work, tmp_path, monkeypatch, capsys):
                            "--keep-dtype", "float16", "--json")
     assert code == 0
     r = json.loads(out)
-    assert r["tensors_quantized"] == 28 and r["bytes_after"] < r["bytes_before"] and r["compression_ratio"] > 1
+    assert r["tensors_quantized"] == 29 and r["bytes_after"] < r["bytes_before"] and r["compression_ratio"] > 1
     assert r["kept"]["hc.w_res"].startswith("hyper-connection") and r["settings"]["group_size"] == 64
 
 
