@@ -346,13 +346,17 @@ def run_cmd(
                                        "path) or 0 (fp32 compute)"), ep: str = typer.Option("cpu"),
     eval_tokens: int = typer.Option(8192), sweep: bool = typer.Option(True, help="num_loops sweep + plot"),
     threads: int = typer.Option(0), overwrite: bool = typer.Option(False),
+    embedding_bits: int = typer.Option(8, help="bits of the quantized embedding / tied lm_head: 8 or 4"),
+    external_data: bool = typer.Option(True, "--external-data/--inline-data",
+                                       help="weights in model.onnx.data, mmap'd (lower RSS on CPU) or inline"),
     as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object"),
 ):
     """The main job: quantize -> export -> eval -> bench, ending in one report (table, report.json, report.md)."""
     from edgeloop.run import RunConfig, headline, run
 
     rc = RunConfig(method=method, group_size=group_size, sym=sym, format=format, accuracy_level=accuracy_level,
-                   ep=ep, eval_tokens=eval_tokens, sweep=sweep, threads=threads)
+                   ep=ep, eval_tokens=eval_tokens, sweep=sweep, threads=threads, embedding_bits=embedding_bits,
+                   external_data=external_data)
     with err.status("run") as status:
         r = run(checkpoint, out_dir, rc, overwrite=overwrite, step=lambda msg: status.update(f"run: {msg}"))
     if as_json:
