@@ -134,8 +134,10 @@ def run_bench(out: Console, err: Console, model_dir: Path, ep: str, threads: int
     dtypes = ", ".join(f"{k} {_mb(v)}" for k, v in r["bytes_by_dtype"].items())
     row("file size", "file_bytes", f"{_mb(r['file_bytes'])} {', '.join(r['files'])} ({dtypes})")
     row("peak RSS, session creation", "peak_rss_bytes", f"{_mb(r['peak_rss_bytes'])} (session adds "
-        f"{_mb(r['session_rss_bytes'])} over a {_mb(r['baseline_rss_bytes'])} baseline)")
-    row("steady RSS, decoding", "steady_rss_bytes", f"{_mb(r['steady_rss_bytes'])} over {r['decode_tokens']} tokens")
+        f"{_mb(r['session_rss_bytes'])}, {r['session_rss_bytes'] / r['file_bytes']:.2f}× the file, over a "
+        f"{_mb(r['baseline_rss_bytes'])} baseline: Python + onnxruntime started)")
+    row("steady RSS, decoding", "steady_rss_bytes", f"{_mb(r['steady_rss_bytes'])} over {r['decode_tokens']} tokens "
+        f"(session {_mb(r['session_steady_rss_bytes'])}, {r['session_steady_rss_bytes'] / r['file_bytes']:.2f}× the file)")
     row("KV cache per token", "kv_bytes_per_token", f"{r['kv_bytes_per_token']:,} B "
         f"({_mb(r['kv_bytes_at_context'])} at {r['kv_context']} tokens)")
     row("prefill", "prefill_ms", f"{r['prefill_ms']:.2f} ms for {r['prefill_tokens']} tokens")
