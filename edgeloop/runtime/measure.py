@@ -111,7 +111,8 @@ def probe(folder: str, ep: str = "cpu", threads: int = 0, prefill_tokens: int = 
     is created, prefill ms for `prefill_tokens` (median of `repeats`), decode tokens/s and RSS during a
     greedy decode of `decode_tokens` (clipped to the context). RSS figures are the whole process's;
     `session_*` ones are over the baseline: Python, numpy and onnxruntime imported and started once."""
-    import onnxruntime  # noqa: F401  imported before the baseline so that it is not counted as the model
+    import onnxruntime  # noqa: F401  libraries imported before the baseline: they are not the model
+    import tokenizers  # noqa: F401
 
     from edgeloop.runtime.runtime import Runtime
 
