@@ -19,6 +19,7 @@ import torch
 
 from edgeloop.export.builder import FLOAT, MS_DOMAIN, GraphBuilder
 from edgeloop.model.checkpoint import CheckpointError, open_safetensors, read_tensor
+from edgeloop.quantize.config import tensor_bits
 
 FORMATS = ("fp32", "fp16", "matmulnbits", "qdq")
 
@@ -28,6 +29,26 @@ def unpack_nibbles(packed: np.ndarray) -> np.ndarray:
     out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), np.uint8)
     out[..., 0::2], out[..., 1::2] = packed & 0x0F, packed >> 4
     return out
+
+
+def _codes(packed: np.ndarray, bits: int) -> np.ndarray:
+    """Stored codes -> one code per byte (4-bit codes are two per byte, low nibble first)."""
+    return unpack_nibbles(packed) if bits == 4 else packed
+
+
+def dequantize_linear(r: GraphBuilder, name: str, q: np.ndarray, scales: np.ndarray, zp: np.ndarray | None,
+                      axis: int, block_size: int, bits: int) -> ir.Value:
+    """Standard blocked DequantizeLinear (opset 21) of codes q in 0..2^bits-1: unsigned codes with zero
+    points zp, or, symmetric (zp None), signed codes q - 2^(bits-1) with zero point 0."""
+    signed, unsigned = (ir.DataType.INT4, ir.DataType.UINT4) if bits == 4 else (ir.DataType.INT8, ir.DataType.UINT8)
+    scale = r.initializer(f"{name}.scales", np.ascontiguousarray(scales))
+    if zp is None:
+        data = (q.astype(np.int16) - (1 << (bits - 1))).astype(np.int8)
+        return r.DequantizeLinear(r.initializer(name, ir.tensor(np.ascontiguousarray(data), dtype=signed)), scale,
+                                  axis=axis, block_size=block_size)
+    data = r.initializer(name, ir.tensor(np.ascontiguousarray(q), dtype=unsigned))
+    zero = r.initializer(f"{name}.zeros", ir.tensor(np.ascontiguousarray(zp), dtype=unsigned))
+    return r.DequantizeLinear(data, scale, zero, axis=axis, block_size=block_size)
 
 
 class Weights:
@@ -110,8 +131,8 @@ class Weights:
         return g.MatMul(x, self._float(g, f"{module}.weight_t", w.float().t().contiguous().numpy(), half))
 
     def bits(self, module: str) -> int:
-        """Code width of a quantized module: the embedding at the folder's embedding_bits, the rest 4."""
-        return (self.q.get("embedding_bits") or 4) if module == "embed" and self.q else 4
+        """Code width of a quantized module (the quantize stage's rule: the embedding at embedding_bits)."""
+        return tensor_bits(f"{module}.weight", (self.q or {}).get("embedding_bits"))
 
     def _qparts(self, module: str):
         qw = self.tensor(f"{module}.qweight").numpy()  # [N, nb, G*bits/8]
@@ -136,25 +157,13 @@ class Weights:
         return g.MatMul(x, self._dq(g, module, qw, scales, qz, bits))
 
     def _dq(self, g: GraphBuilder, module: str, qw, scales, qz, bits: int = 4) -> ir.Value:
-        """Standard-ONNX blocked DequantizeLinear of W^T [K, N] (opset 21 (u)int4 / (u)int8), one node per
-        weight in the main graph (a Loop body reads its output from the outer scope)."""
+        """W^T [K, N] for the qdq format, one node per weight in the main graph (a Loop body reads its output
+        from the outer scope)."""
         N, nb, width = qw.shape
-        G, r = width * 8 // bits, g.root
-        codes = unpack_nibbles if bits == 4 else (lambda a: a)
-        signed, unsigned = (ir.DataType.INT4, ir.DataType.UINT4) if bits == 4 else (ir.DataType.INT8, ir.DataType.UINT8)
-
-        def make():
-            q = codes(qw).reshape(N, nb * G).T.copy()  # [K, N] in 0..2^bits-1
-            scale = r.initializer(f"{module}.scales_t", scales.T.copy())
-            if qz is None:  # symmetric: signed q - 2^(bits-1), zero point 0
-                data = r.initializer(f"{module}.q_t", ir.tensor((q.astype(np.int16) - (1 << (bits - 1))).astype(np.int8), dtype=signed))
-                return r.DequantizeLinear(data, scale, axis=0, block_size=G)
-            data = r.initializer(f"{module}.q_t", ir.tensor(q, dtype=unsigned))
-            zp = codes(qz)[:, :nb].T.copy()  # [nb, N]
-            zero = r.initializer(f"{module}.zeros_t", ir.tensor(zp, dtype=unsigned))
-            return r.DequantizeLinear(data, scale, zero, axis=0, block_size=G)
-
-        return self._once(g, f"{module}#dq", make)
+        G = width * 8 // bits
+        return self._once(g, f"{module}#dq", lambda: dequantize_linear(
+            g.root, f"{module}.q_t", _codes(qw, bits).reshape(N, nb * G).T, scales.T,
+            None if qz is None else _codes(qz, bits)[:, :nb].T, axis=0, block_size=G, bits=bits))
 
     # ---- embedding and head --------------------------------------------------------------
     def embedding(self, g: GraphBuilder, ids: ir.Value) -> ir.Value:
@@ -169,7 +178,7 @@ class Weights:
             s = self._once(g, "embed.scales_3d", lambda: g.initializer("embed.scales_3d", scales[..., None]))
             ins = [data, ids, s]
             if qz is not None:  # one zero point per block, [V, nb, 1] (a 4-bit one in the low nibble)
-                zp = (unpack_nibbles(qz) if bits == 4 else qz)[:, :nb, None].copy()
+                zp = _codes(qz, bits)[:, :nb, None].copy()
                 ins.append(self._once(g, "embed.qzeros_3d", lambda: g.initializer("embed.qzeros_3d", zp)))
             rows = g.GatherBlockQuantized(*ins, _domain=MS_DOMAIN, gather_axis=0, quantize_axis=2,
                                           block_size=G, bits=bits)  # [B, S, nb, G]
@@ -184,24 +193,12 @@ class Weights:
             half = self.fmt == "fp16" or (w.dtype == torch.float16 and self.fmt != "fp32")
             return self._float(g, "embed.weight", w.float().numpy(), half)
         qw, scales, qz = self._qparts("embed")
-        bits, r = self.bits("embed"), g.root
+        bits = self.bits("embed")
         V, nb, width = qw.shape
         G = width * 8 // bits
-        codes = unpack_nibbles if bits == 4 else (lambda a: a)
-        signed, unsigned = (ir.DataType.INT4, ir.DataType.UINT4) if bits == 4 else (ir.DataType.INT8, ir.DataType.UINT8)
-
-        def make():
-            q = codes(qw).reshape(V, nb * G)
-            scale = r.initializer("embed.scales", scales)
-            if qz is None:
-                data = r.initializer("embed.q", ir.tensor((q.astype(np.int16) - (1 << (bits - 1))).astype(np.int8),
-                                                          dtype=signed))
-                return r.DequantizeLinear(data, scale, axis=1, block_size=G)
-            data = r.initializer("embed.q", ir.tensor(q, dtype=unsigned))
-            zero = r.initializer("embed.zeros", ir.tensor(codes(qz)[:, :nb].copy(), dtype=unsigned))
-            return r.DequantizeLinear(data, scale, zero, axis=1, block_size=G)
-
-        return self._once(g, "embed#dq", make)
+        return self._once(g, "embed#dq", lambda: dequantize_linear(
+            g.root, "embed.q", _codes(qw, bits).reshape(V, nb * G), scales,
+            None if qz is None else _codes(qz, bits)[:, :nb], axis=1, block_size=G, bits=bits))
 
     def lm_head(self, g: GraphBuilder, x: ir.Value) -> ir.Value:
         """logits = x E^T (tied) or x W_head^T. A tied quantized E is MatMulNBits on the embedding's own
