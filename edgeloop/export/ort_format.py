@@ -81,9 +81,15 @@ def same_logits(folder: Path, cfg) -> float:
 
 
 def _quietly(fn):
-    """Run onnxruntime's converter without its progress prints on stdout (a --json export prints one object)."""
+    """Run onnxruntime's converter without its progress prints on stdout (a --json export prints one object)
+    and without the INFO records its tools' loggers (set to DEBUG by onnxruntime) send to stderr."""
     import contextlib
     import io
+    import logging
 
-    with contextlib.redirect_stdout(io.StringIO()):
-        return fn()
+    logging.disable(logging.INFO)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return fn()
+    finally:
+        logging.disable(logging.NOTSET)
