@@ -4,7 +4,7 @@ import json
 from edgeloop.model.checkpoint import save_checkpoint
 from edgeloop.model.data import train_tokenizer
 from edgeloop.run import RunConfig, run
-from tests.conftest import perturbed
+from tests.conftest import perturbed, run_cli
 
 
 def test_run_writes_every_stage_and_the_report(tmp_path):
@@ -23,3 +23,14 @@ def test_run_writes_every_stage_and_the_report(tmp_path):
     assert len(rep["sweep"]) == 3 and all(s["ppl"] > 1 for s in rep["sweep"])
     assert rep["bench"]["int4"]["file_bytes"] < rep["bench"]["fp32"]["file_bytes"]
     assert "drift INT4" in (out / "report.md").read_text() and r["int4_over_fp32"]["file_bytes"] < 1
+    # run's defaults: the tied embedding INT8 and the weights in mmap'd external data
+    assert rep["config"]["embedding_bits"] == 8 and rep["config"]["external_data"] is True
+    assert (out / "onnx-int4" / "model.onnx.data").is_file() and (out / "onnx-fp32" / "model.onnx.data").is_file()
+    assert json.loads((out / "int4" / "config.json").read_text())["quantization_config"]["embedding_bits"] == 8
+
+
+def test_run_bad_setting_one_line_and_nothing_written(demo_dir, tmp_path, monkeypatch, capsys):
+    code, out, err = run_cli(monkeypatch, capsys, "run", demo_dir, "-o", tmp_path / "out",
+                             "--embedding-bits", "5")
+    assert code != 0 and err.strip() == "error: embedding_bits=5 must be 4 or 8"
+    assert not (tmp_path / "out").exists()
