@@ -82,14 +82,16 @@ def same_logits(folder: Path, cfg) -> float:
 
 def _quietly(fn):
     """Run onnxruntime's converter without its progress prints on stdout (a --json export prints one object)
-    and without the INFO records its tools' loggers (set to DEBUG by onnxruntime) send to stderr."""
+    and without the INFO records of its `ort_format_model.utils` logger, which onnxruntime sets to DEBUG."""
     import contextlib
     import io
     import logging
 
-    logging.disable(logging.INFO)
+    log = logging.getLogger("ort_format_model.utils")
+    level = log.level
+    log.setLevel(logging.WARNING)
     try:
         with contextlib.redirect_stdout(io.StringIO()):
             return fn()
     finally:
-        logging.disable(logging.NOTSET)
+        log.setLevel(level)

@@ -135,16 +135,16 @@ class Weights:
         return tensor_bits(f"{module}.weight", (self.q or {}).get("embedding_bits"))
 
     def _qparts(self, module: str):
-        qw = self.tensor(f"{module}.qweight").numpy()  # [N, nb, G*bits/8]
-        scales = self.tensor(f"{module}.scales").float().numpy()  # [N, nb]
+        """(qweight [N, nb, G*bits/8], scales [N, nb], qzeros or None, bits, G) of a quantized module."""
+        qw = self.tensor(f"{module}.qweight").numpy()
+        scales = self.tensor(f"{module}.scales").float().numpy()
         qz = self.tensor(f"{module}.qzeros").numpy() if f"{module}.qzeros" in self.keys else None
-        return qw, scales, qz
+        bits = self.bits(module)
+        return qw, scales, qz, bits, qw.shape[-1] * 8 // bits
 
     def _linear_q(self, g: GraphBuilder, x: ir.Value, module: str) -> ir.Value:
-        qw, scales, qz = self._qparts(module)
-        bits = self.bits(module)
-        N, nb, width = qw.shape
-        G = width * 8 // bits
+        qw, scales, qz, bits, G = self._qparts(module)
+        N, nb, _ = qw.shape
         K = nb * G
         if self.fmt == "matmulnbits":
             b = self._once(g, f"{module}.qweight", lambda: g.initializer(f"{module}.qweight", qw))
@@ -154,13 +154,12 @@ class Weights:
                 ins.append(self._once(g, f"{module}.qzeros", lambda: g.initializer(f"{module}.qzeros", qz.reshape(-1))))
             return g.MatMulNBits(*ins, _domain=MS_DOMAIN, K=K, N=N, bits=bits, block_size=G,
                                  accuracy_level=self.accuracy_level)
-        return g.MatMul(x, self._dq(g, module, qw, scales, qz, bits))
+        return g.MatMul(x, self._dq(g, module, qw, scales, qz, bits, G))
 
-    def _dq(self, g: GraphBuilder, module: str, qw, scales, qz, bits: int = 4) -> ir.Value:
+    def _dq(self, g: GraphBuilder, module: str, qw, scales, qz, bits: int, G: int) -> ir.Value:
         """W^T [K, N] for the qdq format, one node per weight in the main graph (a Loop body reads its output
         from the outer scope)."""
-        N, nb, width = qw.shape
-        G = width * 8 // bits
+        N, nb, _ = qw.shape
         return self._once(g, f"{module}#dq", lambda: dequantize_linear(
             g.root, f"{module}.q_t", _codes(qw, bits).reshape(N, nb * G).T, scales.T,
             None if qz is None else _codes(qz, bits)[:, :nb].T, axis=0, block_size=G, bits=bits))
@@ -170,10 +169,8 @@ class Weights:
         """x = E[ids]. A quantized E in matmulnbits: GatherBlockQuantized on the codes [V, nb, G*bits/8] (the
         bytes the lm_head's MatMulNBits reads too); otherwise Gather on the float (or dequantized) table."""
         if self.is_quantized("embed") and self.fmt == "matmulnbits":
-            qw, scales, qz = self._qparts("embed")
-            bits = self.bits("embed")
-            V, nb, width = qw.shape
-            G = width * 8 // bits
+            qw, scales, qz, bits, G = self._qparts("embed")
+            V, nb, _ = qw.shape
             data = self._once(g, "embed.qweight", lambda: g.initializer("embed.qweight", qw))
             s = self._once(g, "embed.scales_3d", lambda: g.initializer("embed.scales_3d", scales[..., None]))
             ins = [data, ids, s]
@@ -192,10 +189,8 @@ class Weights:
             w = self.tensor("embed.weight")
             half = self.fmt == "fp16" or (w.dtype == torch.float16 and self.fmt != "fp32")
             return self._float(g, "embed.weight", w.float().numpy(), half)
-        qw, scales, qz = self._qparts("embed")
-        bits = self.bits("embed")
-        V, nb, width = qw.shape
-        G = width * 8 // bits
+        qw, scales, qz, bits, G = self._qparts("embed")
+        V, nb, _ = qw.shape
         return self._once(g, "embed#dq", lambda: dequantize_linear(
             g.root, "embed.q", _codes(qw, bits).reshape(V, nb * G), scales,
             None if qz is None else _codes(qz, bits)[:, :nb], axis=1, block_size=G, bits=bits))

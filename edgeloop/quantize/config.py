@@ -22,6 +22,7 @@ from edgeloop.model.inspect import tensor_role
 QUANT_METHOD = "edgeloop-int4"
 FORMAT = "int4-blocked-kpacked"
 GROUP_SIZES = (16, 32, 64, 128, 256)
+EMBEDDING_BITS = (4, 8)
 ALGORITHMS = ("rtn", "gptq")
 SCALE_DTYPES = ("float16", "float32")
 KEEP_DTYPES = ("float32", "float16")
@@ -54,7 +55,7 @@ class QuantConfig:
     def validate(self) -> "QuantConfig":
         if self.bits != 4:
             raise QuantizeError(f"bits={self.bits} is not supported (edgeloop quantizes to 4 bits only)")
-        if self.embedding_bits not in (4, 8):
+        if self.embedding_bits not in EMBEDDING_BITS:
             raise QuantizeError(f"embedding_bits={self.embedding_bits} must be 4 or 8")
         if self.group_size not in GROUP_SIZES:
             raise QuantizeError(f"group_size={self.group_size} must be one of {GROUP_SIZES}")

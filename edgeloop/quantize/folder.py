@@ -27,8 +27,8 @@ from edgeloop.model.checkpoint import (FLOAT_DTYPES, TOKENIZER_FILES, Checkpoint
 from edgeloop.model.config import HyperloopConfig
 from edgeloop.model.inspect import tensor_role
 from edgeloop.model.model import Hyperloop, rope_tables
-from edgeloop.quantize.config import (FORMAT, HC_MATRICES, QUANT_METHOD, QuantConfig, QuantizeError, plan, prefix,
-                                      quantization_config, tensor_bits)
+from edgeloop.quantize.config import (EMBEDDING_BITS, FORMAT, HC_MATRICES, QUANT_METHOD, QuantConfig, QuantizeError,
+                                      plan, prefix, quantization_config, tensor_bits)
 from edgeloop.quantize.modules import QuantEmbedding, QuantLinear, set_module
 from edgeloop.quantize.packing import SCALE_TORCH, dequantize, packed_shapes, rtn
 
@@ -325,7 +325,7 @@ def load_quantized(path: str | os.PathLike) -> Hyperloop:
         raise CheckpointError(f"{path / 'config.json'}: quantization_config bits/group_size/sym are not supported "
                               f"({qc.get('bits')}, {qc.get('group_size')}, {qc.get('sym')})")
     G, sym, emb_bits = qc["group_size"], qc["sym"], qc.get("embedding_bits") or 4
-    if emb_bits not in (4, 8):
+    if emb_bits not in EMBEDDING_BITS:
         raise CheckpointError(f"{path / 'config.json'}: quantization_config.embedding_bits = {emb_bits!r} (4 or 8)")
     cfg = load_config(path)
     st = path / "model.safetensors"

@@ -20,7 +20,8 @@ LINEAR_NAMES = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "
 
 
 class _Packed(nn.Module):
-    """Holds qweight [N, n_blocks, G/2], scales [N, n_blocks] and (asymmetric) qzeros [N, ceil(n_blocks/2)]."""
+    """Holds qweight [N, n_blocks, G*bits/8], scales [N, n_blocks] and (asymmetric) qzeros (layout:
+    edgeloop.quantize.packing)."""
 
     def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor | None,
                  group_size: int, sym: bool, bits: int = 4):

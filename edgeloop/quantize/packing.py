@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import torch
 
-BITS = (4, 8)
 SCALE_TORCH = {"float16": torch.float16, "float32": torch.float32}
 
 
