@@ -65,15 +65,26 @@ def interleaved_ms(decoders: dict, prompt: list[int], tokens: int, rounds: int =
 
 
 def bytes_by_role(folder: Path) -> dict[str, int]:
+    """Initializer bytes by the role (Hyperloop.tensors()) of the checkpoint tensor each one stores."""
+    import json
+    import re
+
     import onnx
 
-    from edgeloop.model.inspect import tensor_role
+    from edgeloop.model.config import HyperloopConfig
+    from edgeloop.model.model import meta_model
 
+    table = meta_model(HyperloopConfig.from_dict(json.loads((folder / "manifest.json").read_text())["config"])).tensors()
     m = onnx.load(str(folder / "model.onnx"), load_external_data=False)
     out: dict[str, int] = {}
     for t in m.graph.initializer:
         name = t.name.split("#")[0]
-        role = "constants" if name.startswith(("const_", "rope.", "num_loops")) else tensor_role(name)
+        base = re.sub(r"(\.weight_t|\.q_t|\.q|\.qweight|\.scales(_3d)?|\.qzeros(_3d)?|\.zeros|_scale|_bias)$", "", name)
+        if name.startswith(("const_", "rope.", "num_loops")):
+            role = "constants"
+        else:
+            role = next((table[c].role for c in (name, f"{base}.weight", base) if c in table),
+                        "hc" if base.startswith("hc.") else "other")
         out[role] = out.get(role, 0) + len(t.raw_data)
     return out
 

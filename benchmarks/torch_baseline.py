@@ -40,7 +40,7 @@ def export_torch(ckpt: Path, out: Path) -> Path:
     ids = torch.randint(0, cfg.vocab_size, (B, S))
     past = [torch.randn(B, KV, P, hd) for _ in range(2 * E)]
     args = (ids, torch.ones(B, P + S, dtype=torch.long), torch.arange(P, P + S).expand(B, S).contiguous(), *past)
-    kv = [f"past_key_values.{i}.{k}" for i in range(E) for k in ("key", "value")]
+    kv = cfg.kv_layout().past_names()  # edgeloop's KV convention (edgeloop/kv.py)
     auto = torch.export.Dim.AUTO  # batch, sequence and past lengths: the exporter works out how they relate
     dyn = {"input_ids": {0: auto, 1: auto}, "attention_mask": {0: auto, 1: auto},
            "position_ids": {0: auto, 1: auto}, "past": tuple({0: auto, 2: auto} for _ in kv)}
@@ -48,7 +48,7 @@ def export_torch(ckpt: Path, out: Path) -> Path:
     with torch.no_grad():
         torch.onnx.export(ConventionWrapper(model).eval(), args, str(out / "model.onnx"), dynamo=True,
                           input_names=["input_ids", "attention_mask", "position_ids", *kv],
-                          output_names=["logits", *(n.replace("past_key_values", "present") for n in kv)],
+                          output_names=["logits", *cfg.kv_layout().present_names()],
                           dynamic_shapes=dyn, external_data=True, verbose=False)
     return out
 

@@ -73,11 +73,12 @@ def inspect(
 
     s = summarize(path)
     if ppl:
-        from edgeloop.model.checkpoint import load_model, load_tokenizer
+        from edgeloop.model.checkpoint import load_tokenizer
         from edgeloop.model.data import corpus_split, encode, read_text
         from edgeloop.model.evaluate import perplexity
+        from edgeloop.quantize import load_checkpoint
 
-        model = load_model(path)
+        model = load_checkpoint(path)
         ids = encode(load_tokenizer(path), read_text(text) if text else corpus_split("validation"))[:tokens]
         s["val_ppl"], s["val_tokens"] = perplexity(model, ids)
     if as_json:
@@ -132,30 +133,28 @@ def generate(
         stream_generate(out, model_dir, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
                         seed, num_loops, ep, threads)
         return
-    from edgeloop.model.checkpoint import load_model, load_tokenizer
+    from edgeloop.model.checkpoint import load_tokenizer
     from edgeloop.model.evaluate import generate as gen
+    from edgeloop.quantize import load_checkpoint
+    from edgeloop.textstream import TextStream
 
-    model, tok = load_model(model_dir), load_tokenizer(model_dir)
+    model, tok = load_checkpoint(model_dir), load_tokenizer(model_dir)
     ids = tok.encode(prompt, add_special_tokens=False).ids
     if not ids:
         raise ValueError("--prompt is empty")
     if len(ids) >= model.cfg.max_seq_len:
         raise ValueError(f"the prompt has {len(ids)} tokens; the context is {model.cfg.max_seq_len}")
     out.print(prompt, end="", highlight=False)
-    new: list[int] = []
-    shown = ""
+    text = TextStream(tok, lambda s: out.print(s, end="", highlight=False, soft_wrap=True))
     for t in gen(model, ids, max_new_tokens, temperature, top_k, seed, num_loops):
-        new.append(t)
-        text = tok.decode(new)
-        if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
-            out.print(text[len(shown):], end="", highlight=False, soft_wrap=True)
-            shown = text
+        text.push(t)
     out.print()
 
 
 @app.command("export")
 def export_cmd(
-    in_dir: Path = typer.Argument(..., help="a checkpoint folder (quantized or float)"),
+    in_dir: Path = typer.Argument(..., help="a checkpoint folder (quantized or float; or any format "
+                                            "`edgeloop import` reads)"),
     out_dir: Path = typer.Option(..., "-o", "--out", help="export folder to write"),
     format: Optional[str] = typer.Option(None, "--format", help="matmulnbits (default for quantized), qdq, fp32 "
                                          "(default for float), fp16"),
@@ -173,13 +172,14 @@ def export_cmd(
 ):
     """Export to ONNX: the middle block as ONE Loop, INT4 weights stored once, KV cache in/out."""
     from edgeloop.export import ExportConfig, export_checkpoint
+    from edgeloop.importers import temporary_checkpoint
 
     if not verify:
         err.print("[bold yellow]warning:[/] --no-verify: the export is NOT parity-checked against PyTorch")
     ec = ExportConfig(format=format, accuracy_level=accuracy_level, unroll=unroll, max_seq_len=max_seq_len,
                       opset=opset, verify=verify, external_data=external_data, ort=ort)
-    with err.status("exporting") as status:
-        s = export_checkpoint(in_dir, out_dir, ec, overwrite=overwrite,
+    with err.status("exporting") as status, temporary_checkpoint(in_dir, out_dir, overwrite) as src:
+        s = export_checkpoint(src, out_dir, ec, overwrite=overwrite, source=in_dir,
                               progress=lambda msg: status.update(f"export: {msg}"))
     if as_json:
         out.print_json(json.dumps(s))
@@ -205,7 +205,7 @@ def export_cmd(
 
 @app.command()
 def quantize(
-    in_dir: Path = typer.Argument(..., help="a float checkpoint folder"),
+    in_dir: Path = typer.Argument(..., help="a float checkpoint folder (or any format `edgeloop import` reads)"),
     out_dir: Path = typer.Option(..., "-o", "--out", help="quantized checkpoint folder to write"),
     bits: int = typer.Option(4, help="weight bits (4 only)"),
     group_size: int = typer.Option(128, help="K elements per scale: 16, 32, 64, 128 or 256"),
@@ -219,27 +219,31 @@ def quantize(
     quantize_lm_head: Optional[bool] = typer.Option(None, "--quantize-lm-head/--keep-lm-head",
                                                     help="INT4 an untied lm_head"),
     quantize_hc: bool = typer.Option(False, "--quantize-hc", help="INT4 the hyper-connection matrices too (to measure)"),
-    calib_text: Optional[Path] = typer.Option(None, help="UTF-8 calibration text (default: demo corpus train split)"),
-    calib_samples: int = typer.Option(128, help="calibration windows (gptq)"),
-    calib_seq_len: int = typer.Option(256, help="tokens per calibration window (gptq)"),
-    act_order: bool = typer.Option(False, "--act-order", help="gptq: quantize columns by decreasing Hessian diagonal"),
-    seed: int = typer.Option(0, help="calibration window sampling seed"),
+    calib_text: Optional[Path] = typer.Option(None, help="gptq: UTF-8 calibration text (default: demo corpus train "
+                                              "split)"),
+    calib_samples: Optional[int] = typer.Option(None, help="gptq: calibration windows (default 128)"),
+    calib_seq_len: Optional[int] = typer.Option(None, help="gptq: tokens per calibration window (default 256)"),
+    act_order: Optional[bool] = typer.Option(None, "--act-order", help="gptq: quantize columns by decreasing "
+                                             "Hessian diagonal"),
+    seed: Optional[int] = typer.Option(None, help="gptq: calibration window sampling seed (default 0)"),
     overwrite: bool = typer.Option(False),
     as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
 ):
     """INT4 weight-only group quantization (RTN or loop-aware GPTQ) of a checkpoint folder."""
-    from edgeloop.quantize import QuantConfig, quantize_checkpoint
+    from edgeloop.importers import temporary_checkpoint
+    from edgeloop.quantize import quant_config, quantize_checkpoint
 
-    defaults = QuantConfig()
-    q = QuantConfig(bits=bits, group_size=group_size, sym=sym, algorithm=method, scale_dtype=scale_dtype,
-                    keep_dtype=keep_dtype, quantize_hc=quantize_hc, embedding_bits=embedding_bits,
-                    quantize_embedding=defaults.quantize_embedding if quantize_embedding is None else quantize_embedding,
-                    quantize_lm_head=defaults.quantize_lm_head if quantize_lm_head is None else quantize_lm_head,
-                    calib_text=str(calib_text) if calib_text else None, calib_samples=calib_samples,
-                    calib_seq_len=calib_seq_len, seed=seed, act_order=act_order)
-    from edgeloop.importers.nanochat import temporary_checkpoint
-
-    with temporary_checkpoint(in_dir, out_dir, overwrite) as src:  # a nanochat folder is imported first
+    calib = {"calib_text": str(calib_text) if calib_text else None, "calib_samples": calib_samples,
+             "calib_seq_len": calib_seq_len, "seed": seed, "act_order": act_order}  # given ones only: gptq's
+    if method != "gptq" and any(v is not None for v in calib.values()):
+        given = ", ".join("--" + k.replace("_", "-") for k, v in calib.items() if v is not None)
+        err.print(f"[bold yellow]warning:[/] {given}: calibration settings, ignored by --method {method}")
+        calib = {}
+    shared = {"quantize_embedding": quantize_embedding, "quantize_lm_head": quantize_lm_head}
+    q = quant_config(method, bits=bits, group_size=group_size, sym=sym, scale_dtype=scale_dtype, keep_dtype=keep_dtype,
+                     quantize_hc=quantize_hc, embedding_bits=embedding_bits,
+                     **{k: v for k, v in {**shared, **calib}.items() if v is not None})
+    with temporary_checkpoint(in_dir, out_dir, overwrite) as src:  # a foreign folder is imported first
         r = quantize_checkpoint(src, out_dir, q, overwrite=overwrite, progress=not as_json)
     if as_json:
         out.print_json(json.dumps(r))
@@ -291,6 +295,34 @@ def import_nanochat_cmd(
     t.add_row("tensors", f"{s['tensors']} ({s['params']:,} parameters), {'/'.join(s['source_dtypes'])} → float32")
     t.add_row("vocabulary", f"{s['vocab_size']} (pad rows dropped from {s['padded_vocab']})")
     t.add_row("tokenizer", s["tokenizer"] or "none found (pass --tokenizer for eval / gptq / generate)")
+    out.print(t)
+
+
+@app.command("import")
+def import_cmd(
+    src: Path = typer.Argument(..., help="a checkpoint folder in a foreign format (detected; see --format)"),
+    out_dir: Path = typer.Option(..., "-o", "--out", help="edgeloop checkpoint folder to write"),
+    format: Optional[str] = typer.Option(None, "--format", help="the importer (default: detected from the folder)"),
+    step: Optional[str] = typer.Option(None, help="nanochat: step (or alias) to import (default: the latest)"),
+    tokenizer: Optional[Path] = typer.Option(None, help="nanochat: tokenizer.json (default: the one beside it)"),
+    overwrite: bool = typer.Option(False),
+    as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
+):
+    """Convert a foreign looped-LM checkpoint folder into an edgeloop checkpoint folder (weights only, never code)."""
+    from edgeloop.importers import IMPORTERS, import_folder
+
+    s = import_folder(src, out_dir, format, overwrite=overwrite, step=step, tokenizer=tokenizer)
+    if as_json:
+        out.print_json(json.dumps(s))
+        return
+    c = s["config"]
+    t = Table(title=f"{src} → {out_dir}", show_header=False)
+    t.add_row("format", f"{s['format']}: {IMPORTERS[s['format']].title}")
+    t.add_row("layout", f"begin {c['n_begin']} → middle {c['n_middle']} × {c['num_loops']} → end {c['n_end']}, "
+                        f"d = {c['d_model']}, hc {c['hc']}" + (f", injection {c['injection']}" if c["hc"] == "none"
+                                                             else f", {c['n_streams']} streams"))
+    t.add_row("tensors", f"{s['tensors']} ({s['params']:,} parameters)")
+    t.add_row("tokenizer", str(s.get("tokenizer") or "none found"))
     out.print(t)
 
 

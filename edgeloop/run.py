@@ -2,7 +2,7 @@
 
     CKPT --quantize--> OUT/int4 --export--> OUT/onnx-int4   (INT4, the middle block one Loop)
     CKPT --export----> OUT/onnx-fp32                         (the fp32 export: ratios and a parity control)
-    a looped-lm-scaling (nanochat) CKPT is first imported into OUT/imported (edgeloop.importers.nanochat)
+    a CKPT in a foreign format (edgeloop.importers) is first imported into OUT/imported
     eval:  perplexity drift of each export vs the fp32 PyTorch reference on the same tokens
     bench: footprint + latency of both exports (fresh subprocesses), num_loops sweep of the INT4 one
     OUT/report.json, OUT/report.md, OUT/sweep.png
@@ -42,9 +42,9 @@ class RunConfig:
 def run(ckpt: str | Path, out: str | Path, rc: RunConfig, *, overwrite: bool = False,
         step: Callable[[str], None] = lambda msg: None) -> dict:
     from edgeloop.export import ExportConfig, export_checkpoint
-    from edgeloop.importers.nanochat import as_checkpoint, is_nanochat
+    from edgeloop.importers import as_checkpoint, detect
     from edgeloop.model.checkpoint import load_config, read_config
-    from edgeloop.quantize import QuantConfig, quantize_checkpoint
+    from edgeloop.quantize import quant_config, quantize_checkpoint
     from edgeloop.runtime import Runtime
     from edgeloop.runtime.drift import evaluate_drift, evaluation_ids
     from edgeloop.runtime.measure import footprint, plot_sweep, ratios, sweep
@@ -54,7 +54,7 @@ def run(ckpt: str | Path, out: str | Path, rc: RunConfig, *, overwrite: bool = F
     source, staged = ckpt, None
     t0 = time.time()
     check_output_dir(out, overwrite)
-    if is_nanochat(ckpt):  # looped-lm-scaling checkpoint: import it first (staged beside OUT, then OUT/imported)
+    if detect(ckpt) is not None:  # a foreign checkpoint: import it first (staged beside OUT, then OUT/imported)
         out.parent.mkdir(parents=True, exist_ok=True)
         staged = out.parent / f".{out.name}.import-{os.getpid()}"
         ckpt = as_checkpoint(ckpt, staged, overwrite=True)
@@ -63,8 +63,8 @@ def run(ckpt: str | Path, out: str | Path, rc: RunConfig, *, overwrite: bool = F
         if read_config(ckpt).get("quantization_config"):
             raise ValueError(f"{ckpt} is already quantized: `edgeloop run` starts from a float checkpoint")
         provider_names(rc.ep)  # an unavailable provider fails before the long stages
-        qc = QuantConfig(algorithm=rc.method, group_size=rc.group_size, sym=rc.sym,
-                         embedding_bits=rc.embedding_bits).validate()  # bad settings too
+        qc = quant_config(rc.method, group_size=rc.group_size, sym=rc.sym,
+                          embedding_bits=rc.embedding_bits).validate()  # bad settings too
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)

@@ -37,6 +37,19 @@ def demo_dir() -> Path:
     return DEMO
 
 
+@pytest.fixture(scope="session")
+def demo_int4(tmp_path_factory, demo_dir) -> Path:
+    """The demo model quantized INT4 (RTN, G=128: the quantize stage's defaults) into DIR/ck and exported
+    MatMulNBits into DIR/int4 (returned)."""
+    from edgeloop.export import ExportConfig, export_checkpoint
+    from edgeloop.quantize import RTNConfig, quantize_checkpoint
+
+    root = tmp_path_factory.mktemp("demo-int4")
+    quantize_checkpoint(demo_dir, root / "ck", RTNConfig(), progress=False)
+    export_checkpoint(root / "ck", root / "int4", ExportConfig())
+    return root / "int4"
+
+
 def run_cli(monkeypatch, capsys, *args) -> tuple[int, str, str]:
     """`edgeloop ARGS` in this process: (exit code, stdout, stderr)."""
     from edgeloop import cli

@@ -4,6 +4,7 @@
 // Feeds mirror edgeloop.runtime.Runtime.generate_ids for one prompt (batch 1, no padding):
 //   prefill  input_ids [1,S] = the prompt, attention_mask = ones [1,S], position_ids = 0..S-1,
 //            past_key_values.{i}.key|value = empty float32 [1, kv_heads, 0, head_dim], i < effective_layers
+//            (the names, layers, heads and dtype come from manifest.kv, written by edgeloop/kv.py)
 //   decode   input_ids [[t]], position_ids [[last + 1]], attention_mask = ones [1, P+1],
 //            past = the previous run's present.{i}.key|value
 //   token    argmax of logits[0, -1, :] (first index on ties, as numpy), stop on <|endoftext|>,
@@ -62,13 +63,23 @@ export async function loadModel({ ort, Tokenizer, base, ep = "wasm", onStatus = 
   const manifest = await fetchJson(base + "manifest.json");
   const genai = await fetchJson(base + "genai_config.json", true);
   const c = manifest.config;
+  const kv = manifest.kv ?? { // exports written before manifest.kv: the same convention, restated
+    past_key: "past_key_values.%d.key", past_value: "past_key_values.%d.value",
+    present_key: "present.%d.key", present_value: "present.%d.value", layers: manifest.effective_layers,
+    kv_heads: c.n_kv_heads, head_dim: Number(c.d_model) / Number(c.n_heads), dtype: "float32",
+  };
   const model = {
     manifest, genai, ep,
-    layers: Number(manifest.effective_layers),
+    layers: Number(kv.layers),
     loops: Number(manifest.num_loops),
     ctx: Number(manifest.max_seq_len),
-    kvHeads: Number(c.n_kv_heads),
-    headDim: Number(c.d_model) / Number(c.n_heads),
+    kvHeads: Number(kv.kv_heads),
+    headDim: Number(kv.head_dim),
+    kvDtype: kv.dtype,
+    names: {
+      past: (i, k) => (k === "key" ? kv.past_key : kv.past_value).replace("%d", String(i)),
+      present: (i, k) => (k === "key" ? kv.present_key : kv.present_value).replace("%d", String(i)),
+    },
     vocab: Number(c.vocab_size),
     tokenizer: null, eos: null, fileBytes: {},
   };
@@ -109,7 +120,7 @@ export async function loadModel({ ort, Tokenizer, base, ep = "wasm", onStatus = 
 
 function checkConvention(m) {
   const need = ["input_ids", "attention_mask", "position_ids"];
-  for (let i = 0; i < m.layers; i++) need.push(`past_key_values.${i}.key`, `past_key_values.${i}.value`);
+  for (let i = 0; i < m.layers; i++) need.push(m.names.past(i, "key"), m.names.past(i, "value"));
   const lost = need.find((n) => !m.session.inputNames.includes(n));
   if (lost) throw new Error(`model.onnx does not follow the edgeloop KV convention: input '${lost}' is missing`);
   if (!m.session.outputNames.includes("logits")) throw new Error("model.onnx has no 'logits' output");
@@ -138,9 +149,9 @@ function argmaxLast(logits) {
   return best;
 }
 
-/** KV-cache bytes one token adds (fp32 keys and values of every effective layer). */
+/** KV-cache bytes one token adds (keys and values of every effective layer). */
 export function kvBytesPerToken(model) {
-  return 2 * model.layers * model.kvHeads * model.headDim * 4;
+  return 2 * model.layers * model.kvHeads * model.headDim * (model.kvDtype === "float16" ? 2 : 4);
 }
 
 /**
@@ -159,10 +170,12 @@ export async function generateIds(model, promptIds, maxNewTokens, { onToken = nu
   }
   const stops = new Set(stop ?? (model.eos !== null ? [model.eos] : []));
   let past = {};
-  const empty = new Float32Array(0);
+  const presentOf = {}; // present name -> the past name it feeds next step
+  const empty = model.kvDtype === "float16" ? new Uint16Array(0) : new Float32Array(0);
   for (let i = 0; i < model.layers; i++) {
     for (const k of ["key", "value"]) {
-      past[`past_key_values.${i}.${k}`] = new ort.Tensor("float32", empty, [1, model.kvHeads, 0, model.headDim]);
+      past[model.names.past(i, k)] = new ort.Tensor(model.kvDtype, empty, [1, model.kvHeads, 0, model.headDim]);
+      presentOf[model.names.present(i, k)] = model.names.past(i, k);
     }
   }
   let ids = prompt, pos = prompt.map((_, j) => j), total = prompt.length;
@@ -182,7 +195,7 @@ export async function generateIds(model, promptIds, maxNewTokens, { onToken = nu
     const t = argmaxLast(res.logits);
     const next = {};
     for (const [name, tensor] of Object.entries(res)) {
-      if (name.startsWith("present.")) next[name.replace("present.", "past_key_values.")] = tensor;
+      if (name in presentOf) next[presentOf[name]] = tensor;
       else tensor.dispose?.();
     }
     for (const tensor of Object.values(past)) tensor.dispose?.();

@@ -43,7 +43,9 @@ def default_tolerance(fmt: str, accuracy_level: int) -> float:
 
 
 def export_checkpoint(in_dir: str | Path, out_dir: str | Path, ec: ExportConfig | None = None, *,
-                      overwrite: bool = False, progress=None) -> dict:
+                      overwrite: bool = False, progress=None, source: str | Path | None = None) -> dict:
+    """Export the checkpoint folder `in_dir` (float or quantized) into `out_dir`; `source`: the folder to
+    record as the export's source when `in_dir` is a temporary import of it."""
     from edgeloop.export.folder import write_folder
     from edgeloop.io import atomic_dir, check_output_dir
     from edgeloop.model.checkpoint import load_config, read_config
@@ -64,7 +66,7 @@ def export_checkpoint(in_dir: str | Path, out_dir: str | Path, ec: ExportConfig 
     check_output_dir(out_dir, overwrite)
     ec = dataclasses.replace(ec, format=fmt)
     with atomic_dir(out_dir, overwrite) as tmp:
-        summary = write_folder(Path(in_dir), tmp, cfg, raw, ec, progress=progress)
+        summary = write_folder(Path(in_dir), tmp, cfg, raw, ec, progress=progress, source=source)
         summary["seconds"] = round(time.time() - t0, 2)
     summary["path"] = str(out_dir)
     return summary

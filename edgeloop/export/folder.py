@@ -11,7 +11,7 @@ import onnx
 import onnx_ir as ir
 
 from edgeloop.export.graph import build
-from edgeloop.export.verify import PROMPT, parity
+from edgeloop.export.verify import PROMPT, padded_parity, parity
 from edgeloop.export.weights import Weights
 from edgeloop.io import write_json
 from edgeloop.model.config import HyperloopConfig
@@ -37,7 +37,7 @@ def graph_stats(model: ir.Model) -> dict:
             "initializer_total_bytes": sum(by_dtype.values())}
 
 
-def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, progress=None) -> dict:
+def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, progress=None, source=None) -> dict:
     import onnxruntime as ort
 
     from edgeloop.export import ExportError, default_tolerance
@@ -63,8 +63,8 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
         onnx.save(proto, path)
     manifest = {"format": ec.format, "accuracy_level": ec.accuracy_level if ec.format in ("matmulnbits", "qdq") else None,
                 "unroll": ec.unroll, "opset": ec.opset, "effective_layers": cfg.effective_layers,
-                "num_loops": cfg.num_loops, "max_seq_len": cfg.max_seq_len, "source": str(in_dir),
-                "external_data": external, "graph": stats, "versions": versions(),
+                "num_loops": cfg.num_loops, "max_seq_len": cfg.max_seq_len, "source": str(source or in_dir),
+                "external_data": external, "kv": cfg.kv_layout().manifest(), "graph": stats, "versions": versions(),
                 "file_bytes": {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()},
                 "config": cfg.to_dict(), "quantization_config": raw.get("quantization_config")}
     tokenizer_ok = all((in_dir / f).is_file() for f in TOKENIZER_FILES)
@@ -73,9 +73,10 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
             shutil.copyfile(in_dir / f, out / f)
     if ec.verify:
         step("parity check: onnxruntime vs PyTorch")
-        from edgeloop.model.checkpoint import load_model, load_tokenizer
+        from edgeloop.model.checkpoint import load_tokenizer
+        from edgeloop.quantize import load_checkpoint
 
-        ref = load_model(in_dir)
+        ref = load_checkpoint(in_dir)
         prompt = load_tokenizer(in_dir).encode(PROMPT, add_special_tokens=False).ids if tokenizer_ok else \
             np.random.default_rng(0).integers(0, cfg.vocab_size, 12).tolist()
         so = ort.SessionOptions()
@@ -85,12 +86,15 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         tol = ec.tolerance if ec.tolerance is not None else default_tolerance(ec.format, ec.accuracy_level)
         figures = parity(sess, ref, prompt, decode_steps=ec.decode_steps)
-        worst = max(f["max_abs_err"] for f in figures.values())
+        padded = padded_parity(sess, ref, prompt)
+        worst = max([f["max_abs_err"] for f in figures.values()] + [padded["max_abs_err"]])
         manifest["parity"] = {"tolerance": tol, "max_abs_err": worst, "by_num_loops": figures,
+                              "left_padded_batch": padded,
                               "reference": "int4-dequantized" if raw.get("quantization_config") else "fp32"}
         if not worst <= tol:
             raise ExportError(f"parity check failed: max |logit error| {worst:.3g} > tolerance {tol:g} "
-                              f"(onnxruntime vs PyTorch, num_loops {', '.join(figures)})")
+                              f"(onnxruntime vs PyTorch, num_loops {', '.join(figures)}, and a left-padded "
+                              f"batch of two: {padded['max_abs_err']:.3g})")
     else:
         manifest["parity"] = None
     if ec.ort:
@@ -128,6 +132,7 @@ def eos_id(folder: Path) -> int | None:
 def genai_config(cfg: HyperloopConfig, eos: int | None) -> dict:
     """onnxruntime-genai's decoder description: one past/present pair per EFFECTIVE layer."""
     eos = 0 if eos is None else eos
+    kv = cfg.kv_layout().manifest()
     return {
         "model": {
             "bos_token_id": eos, "context_length": cfg.max_seq_len, "eos_token_id": eos, "pad_token_id": eos,
@@ -136,12 +141,12 @@ def genai_config(cfg: HyperloopConfig, eos: int | None) -> dict:
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
                 "filename": "model.onnx", "head_size": cfg.head_dim, "hidden_size": cfg.d_model,
                 "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-                "num_hidden_layers": cfg.effective_layers,
+                "num_hidden_layers": kv["layers"],
                 "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
-                           "position_ids": "position_ids", "past_key_names": "past_key_values.%d.key",
-                           "past_value_names": "past_key_values.%d.value"},
-                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
-                            "present_value_names": "present.%d.value"},
+                           "position_ids": "position_ids", "past_key_names": kv["past_key"],
+                           "past_value_names": kv["past_value"]},
+                "outputs": {"logits": "logits", "present_key_names": kv["present_key"],
+                            "present_value_names": kv["present_value"]},
             },
         },
         "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,

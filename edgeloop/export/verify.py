@@ -1,11 +1,12 @@
 """The parity check run on every export: onnxruntime CPU vs the PyTorch model (fp32, or the INT4
 dequantize-on-the-fly reference), prefill of a fixed prompt + greedy decode steps through the KV cache,
-at num_loops = r and at a smaller loop count."""
+at num_loops = r and at a smaller loop count, and a left-padded batch of two prompts."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from edgeloop.kv import Layout, next_past
 from edgeloop.model.config import HyperloopConfig
 from edgeloop.model.model import Hyperloop, KVCache
 
@@ -13,16 +14,19 @@ PROMPT = "In the beginning God created the heaven and the earth."
 
 
 def empty_past(cfg: HyperloopConfig, batch: int = 1) -> dict[str, np.ndarray]:
-    z = np.zeros((batch, cfg.n_kv_heads, 0, cfg.head_dim), np.float32)
-    return {f"past_key_values.{i}.{k}": z for i in range(cfg.effective_layers) for k in ("key", "value")}
+    return cfg.kv_layout().empty_past(batch)
 
 
-def feeds_for(cfg, ids: np.ndarray, past: dict, num_loops: int | None, has_loop_input: bool) -> dict:
-    """ORT feeds for new tokens `ids` [B, S] after `past` (no padding)."""
+def feeds_for(cfg, ids: np.ndarray, past: dict, num_loops: int | None, has_loop_input: bool,
+              mask: np.ndarray | None = None) -> dict:
+    """ORT feeds for new tokens `ids` [B, S] after `past`: no padding, or `mask` [B, P+S] (0 = left padding,
+    positions = cumsum(mask) - 1)."""
     B, S = ids.shape
-    P = past[f"past_key_values.{cfg.slot(0, 0)}.key"].shape[2]  # loop 0 always runs
-    f = {"input_ids": ids.astype(np.int64), "attention_mask": np.ones((B, P + S), np.int64),
-         "position_ids": np.broadcast_to(np.arange(P, P + S, dtype=np.int64), (B, S)).copy(), **past}
+    P = Layout.of_config(cfg).past_length(past)
+    if mask is None:
+        mask = np.ones((B, P + S), np.int64)
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)[:, P:]
+    f = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64), "position_ids": pos, **past}
     if has_loop_input and num_loops is not None:
         f["num_loops"] = np.array(num_loops, np.int64)
     return f
@@ -34,7 +38,7 @@ def has_num_loops(session) -> bool:
 
 
 def presents_to_past(names: list[str], outs: list[np.ndarray]) -> dict[str, np.ndarray]:
-    return {n.replace("present.", "past_key_values.", 1): o for n, o in zip(names, outs) if n.startswith("present.")}
+    return next_past(names, outs)
 
 
 @torch.no_grad()
@@ -63,3 +67,31 @@ def parity(session, model: Hyperloop, prompt_ids: list[int], decode_steps: int =
         result[str(L)] = {"max_abs_err": err, "max_abs_logit": max_logit, "steps": decode_steps,
                           "prompt_tokens": len(prompt_ids)}
     return result
+
+
+@torch.no_grad()
+def padded_parity(session, model: Hyperloop, prompt_ids: list[int], decode_steps: int = 4) -> dict:
+    """The same check on a batch of two prompts, the second (a shorter one) left-padded: prefill + decode
+    through the KV cache with the attention mask; errors over the real (unpadded) positions only."""
+    cfg = model.cfg
+    a = list(prompt_ids)
+    b = a[len(a) // 2:] or a[:1]
+    pad = len(a) - len(b)
+    ids = np.array([a, [0] * pad + b], np.int64)
+    mask = np.array([[1] * len(a), [0] * pad + [1] * len(b)], np.int64)
+    names = [o.name for o in session.get_outputs()]
+    cache, past = KVCache(cfg), empty_past(cfg, 2)
+    err, max_logit = 0.0, 0.0
+    for step in range(decode_steps + 1):
+        S = ids.shape[1]
+        ref = model(torch.from_numpy(ids), cache=cache, attention_mask=torch.from_numpy(mask)).numpy()
+        outs = session.run(names, feeds_for(cfg, ids, past, None, False, mask))
+        got = outs[names.index("logits")]
+        real = mask[:, -S:].astype(bool)  # padded query rows are not compared
+        err = max(err, float(np.abs(got - ref)[real].max()))
+        max_logit = max(max_logit, float(np.abs(ref)[real].max()))
+        past = {**past, **presents_to_past(names, outs)}
+        ids = ref[:, -1:].argmax(-1).astype(np.int64)
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+    return {"max_abs_err": err, "max_abs_logit": max_logit, "steps": decode_steps, "batch": 2,
+            "prompt_tokens": [len(a), len(b)], "left_padding": [0, pad]}

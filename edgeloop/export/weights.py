@@ -52,7 +52,8 @@ def dequantize_linear(r: GraphBuilder, name: str, q: np.ndarray, scales: np.ndar
 
 
 class Weights:
-    """Reads a (float or quantized) checkpoint folder lazily and emits initializers in `fmt`."""
+    """Reads a (float or quantized) checkpoint folder lazily and emits initializers in `fmt`. Pieces ask for
+    weights by their own modules (`bind(model)` maps each module of the meta model to its tensor names)."""
 
     def __init__(self, folder: str | Path, fmt: str, accuracy_level: int = 0):
         if fmt not in FORMATS:
@@ -62,7 +63,6 @@ class Weights:
         self.folder = Path(folder)
         raw = json.loads((self.folder / "config.json").read_text())
         self.q = raw.get("quantization_config")
-        self.vocab_size, self.d_model = raw["vocab_size"], raw["d_model"]
         if fmt in ("matmulnbits", "qdq") and not self.q:
             raise ValueError(f"--format {fmt} needs a quantized checkpoint (run `edgeloop quantize` first) "
                              f"or use --format fp32 / fp16")
@@ -75,6 +75,18 @@ class Weights:
         self._f = self._st.__enter__()
         self.keys = set(self._f.keys())
         self._cache: dict[str, ir.Value] = {}
+        self._names: dict[torch.nn.Module, str] = {}
+
+    def bind(self, model: torch.nn.Module) -> "Weights":
+        """Name every module of `model` (built on the meta device from the folder's config)."""
+        self._names = {m: n for n, m in model.named_modules()}
+        self.vocab_size, self.d_model = model.cfg.vocab_size, model.cfg.d_model
+        return self
+
+    def name(self, module: torch.nn.Module, attr: str | None = None) -> str:
+        """The stored name of `module` (or of its tensor `attr`): 'middle.0.attn.c_q', 'hc.w_pre'."""
+        base = self._names[module]
+        return base if attr is None else f"{base}.{attr}" if base else attr
 
     def close(self):
         self._st.__exit__(None, None, None)
@@ -89,15 +101,21 @@ class Weights:
             self._cache[name] = make()
         return self._cache[name]
 
-    def _float(self, g: GraphBuilder, name: str, array: np.ndarray, half: bool) -> ir.Value:
+    def float_constant(self, g: GraphBuilder, name: str, array: np.ndarray, half: bool) -> ir.Value:
         """A float initializer; stored fp16 and Cast to float where `half` (the Cast is per use, cheap)."""
         v = self._once(g, name, lambda: g.initializer(name, array.astype(np.float16 if half else np.float32)))
         return g.Cast(v, to=FLOAT) if half else v
 
-    def param(self, g: GraphBuilder, name: str) -> ir.Value:
-        """Norms and hyper-connection parameters: kept in the checkpoint's dtype (fp16 -> Cast to float)."""
+    def param(self, g: GraphBuilder, owner: torch.nn.Module, attr: str) -> ir.Value:
+        """A kept tensor `attr` of `owner` (norms, biases, hyper-connection parameters) in the checkpoint's
+        dtype (fp16 -> Cast to float)."""
+        name = self.name(owner, attr)
         t = self.kept(name)
-        return self._float(g, name, t.float().numpy(), t.dtype == torch.float16)
+        return self.float_constant(g, name, t.float().numpy(), t.dtype == torch.float16)
+
+    def loop_row(self, g: GraphBuilder, owner: torch.nn.Module, attr: str, l: ir.Value) -> ir.Value:
+        """Row l of a per-loop parameter stacked [r, ...] (l: an int64 scalar value)."""
+        return g.Gather(self.param(g, owner, attr), l, axis=0)
 
     def kept(self, name: str) -> torch.Tensor:
         """A tensor the quantizer must have kept in float (norms, hyper-connection parameters)."""
@@ -106,29 +124,22 @@ class Weights:
                              f"export a checkpoint quantized without it")
         return self.tensor(name)
 
-    def hc_projection(self, g: GraphBuilder) -> tuple[ir.Value, ir.Value, ir.Value]:
-        """The dynamic hyper-connection projections of every loop as ONE MatMul: W = [W_pre | W_post | W_res]
-        [r, n*d, 2n + n^2], its per-column scale a = [a_pre.. | a_post.. | a_res..] and bias
-        b = [b_pre | b_post | b_res] [r, 2n + n^2] (concatenations only: the values and dtype stay exact)."""
-        t = {f"{x}_{k}": self.kept(f"hc.{x}_{k}") for x in "wab" for k in ("pre", "post", "res")}
-        half = t["w_pre"].dtype == torch.float16
-        W = torch.cat([t[f"w_{k}"] for k in ("pre", "post", "res")], -1)
-        widths = [t[f"w_{k}"].shape[-1] for k in ("pre", "post", "res")]
-        a = torch.cat([t[f"a_{k}"][:, None].expand(-1, n) for k, n in zip(("pre", "post", "res"), widths)], -1)
-        b = torch.cat([t["b_pre"], t["b_post"], t["b_res"].flatten(1)], -1)
-        return tuple(self._float(g, f"hc.projection{suffix}", v.float().numpy(), half)
-                     for suffix, v in (("", W), ("_scale", a), ("_bias", b)))
-
     def is_quantized(self, module: str) -> bool:
         return f"{module}.qweight" in self.keys
 
-    def linear(self, g: GraphBuilder, x: ir.Value, module: str) -> ir.Value:
-        """y = x W^T for the Linear `module` (e.g. 'middle.0.attn.c_q')."""
+    def linear(self, g: GraphBuilder, x: ir.Value, linear: torch.nn.Module | str) -> ir.Value:
+        """y = x W^T (+ b) for an nn.Linear of the bound model (or its stored name, e.g. 'lm_head')."""
+        module = linear if isinstance(linear, str) else self.name(linear)
         if self.is_quantized(module):
-            return self._linear_q(g, x, module)
-        w = self.tensor(f"{module}.weight")
-        half = self.fmt == "fp16" or w.dtype == torch.float16 and self.fmt != "fp32"
-        return g.MatMul(x, self._float(g, f"{module}.weight_t", w.float().t().contiguous().numpy(), half))
+            y = self._linear_q(g, x, module)
+        else:
+            w = self.tensor(f"{module}.weight")
+            half = self.fmt == "fp16" or w.dtype == torch.float16 and self.fmt != "fp32"
+            y = g.MatMul(x, self.float_constant(g, f"{module}.weight_t", w.float().t().contiguous().numpy(), half))
+        if f"{module}.bias" in self.keys:
+            t = self.kept(f"{module}.bias")
+            y = g.Add(y, self.float_constant(g, f"{module}.bias", t.float().numpy(), t.dtype == torch.float16))
+        return y
 
     def bits(self, module: str) -> int:
         """Code width of a quantized module (the quantize stage's rule: the embedding at embedding_bits)."""
@@ -165,44 +176,46 @@ class Weights:
             None if qz is None else _codes(qz, bits)[:, :nb].T, axis=0, block_size=G, bits=bits))
 
     # ---- embedding and head --------------------------------------------------------------
-    def embedding(self, g: GraphBuilder, ids: ir.Value) -> ir.Value:
+    def embedding(self, g: GraphBuilder, ids: ir.Value, embed: torch.nn.Module) -> ir.Value:
         """x = E[ids]. A quantized E in matmulnbits: GatherBlockQuantized on the codes [V, nb, G*bits/8] (the
         bytes the lm_head's MatMulNBits reads too); otherwise Gather on the float (or dequantized) table."""
-        if self.is_quantized("embed") and self.fmt == "matmulnbits":
-            qw, scales, qz, bits, G = self._qparts("embed")
+        e = self.name(embed)
+        if self.is_quantized(e) and self.fmt == "matmulnbits":
+            qw, scales, qz, bits, G = self._qparts(e)
             V, nb, _ = qw.shape
-            data = self._once(g, "embed.qweight", lambda: g.initializer("embed.qweight", qw))
-            s = self._once(g, "embed.scales_3d", lambda: g.initializer("embed.scales_3d", scales[..., None]))
+            data = self._once(g, f"{e}.qweight", lambda: g.initializer(f"{e}.qweight", qw))
+            s = self._once(g, f"{e}.scales_3d", lambda: g.initializer(f"{e}.scales_3d", scales[..., None]))
             ins = [data, ids, s]
             if qz is not None:  # one zero point per block, [V, nb, 1] (a 4-bit one in the low nibble)
                 zp = _codes(qz, bits)[:, :nb, None].copy()
-                ins.append(self._once(g, "embed.qzeros_3d", lambda: g.initializer("embed.qzeros_3d", zp)))
+                ins.append(self._once(g, f"{e}.qzeros_3d", lambda: g.initializer(f"{e}.qzeros_3d", zp)))
             rows = g.GatherBlockQuantized(*ins, _domain=MS_DOMAIN, gather_axis=0, quantize_axis=2,
                                           block_size=G, bits=bits)  # [B, S, nb, G]
             return g.Reshape(rows, g.const([0, 0, nb * G]))
-        return g.Gather(self._table(g), ids, axis=0)
+        return g.Gather(self._table(g, e), ids, axis=0)
 
-    def _table(self, g: GraphBuilder) -> ir.Value:
+    def _table(self, g: GraphBuilder, e: str) -> ir.Value:
         """The embedding table [V, d] in float: stored (fp32, or fp16 + Cast), or, quantized in the qdq
         format, one standard DequantizeLinear of its codes along d (read by the lookup and the tied head)."""
-        if not self.is_quantized("embed"):
-            w = self.tensor("embed.weight")
+        if not self.is_quantized(e):
+            w = self.tensor(f"{e}.weight")
             half = self.fmt == "fp16" or (w.dtype == torch.float16 and self.fmt != "fp32")
-            return self._float(g, "embed.weight", w.float().numpy(), half)
-        qw, scales, qz, bits, G = self._qparts("embed")
+            return self.float_constant(g, f"{e}.weight", w.float().numpy(), half)
+        qw, scales, qz, bits, G = self._qparts(e)
         V, nb, _ = qw.shape
-        return self._once(g, "embed#dq", lambda: dequantize_linear(
-            g.root, "embed.q", _codes(qw, bits).reshape(V, nb * G), scales,
+        return self._once(g, f"{e}#dq", lambda: dequantize_linear(
+            g.root, f"{e}.q", _codes(qw, bits).reshape(V, nb * G), scales,
             None if qz is None else _codes(qz, bits)[:, :nb], axis=1, block_size=G, bits=bits))
 
-    def lm_head(self, g: GraphBuilder, x: ir.Value) -> ir.Value:
+    def lm_head(self, g: GraphBuilder, x: ir.Value, head: torch.nn.Module | None, embed: torch.nn.Module) -> ir.Value:
         """logits = x E^T (tied) or x W_head^T. A tied quantized E is MatMulNBits on the embedding's own
         codes; a float (or qdq-dequantized) table is read by Gemm(transB), so it is stored once either way."""
-        if "lm_head.weight" in self.keys or self.is_quantized("lm_head"):
-            return self.linear(g, x, "lm_head")
-        if self.is_quantized("embed") and self.fmt == "matmulnbits":
-            return self.linear(g, x, "embed")
-        table, V, d = self._table(g), self.vocab_size, self.d_model
+        if head is not None:
+            return self.linear(g, x, head)
+        e = self.name(embed)
+        if self.is_quantized(e) and self.fmt == "matmulnbits":
+            return self.linear(g, x, e)
+        table, V, d = self._table(g, e), self.vocab_size, self.d_model
         lead = g.Shape(x, start=0, end=-1)
         y = g.Gemm(g.Reshape(x, g.const([-1, d])), table, transB=1)
         return g.Reshape(y, g.Concat(lead, g.const([V]), axis=0))

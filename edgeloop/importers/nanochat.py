@@ -1,6 +1,7 @@
-"""Import a looped-lm-scaling (nanochat) checkpoint folder into an edgeloop checkpoint folder.
+"""The looped-lm-scaling (nanochat) importer: checkpoint folders of kschwethelm/looped-lm-scaling.
 
     import_nanochat(ckpt_dir, out_dir, step=None, tokenizer=None, overwrite=False) -> summary dict
+    (= edgeloop.importers.import_folder(ckpt_dir, out_dir, "nanochat", step=..., tokenizer=...))
 
 Input: `model_<step>.pt` (a torch state dict; loaded with weights_only=True only, so a pickle that tries
 to run code is refused, never executed) + `meta_<step>.json` (its `model_config`), the latest step by
@@ -11,22 +12,21 @@ Every bad input is one NanochatImportError line naming what is wrong, raised bef
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import pickle
 import re
-import shutil
-import tempfile
-import zipfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
-from edgeloop.io import check_output_dir
+from edgeloop.importers.common import (FLOATS, Importer, ImporterError, Source, as_checkpoint, card,
+                                       import_folder, read_json, register, temporary_checkpoint, tokenizer_vocab,
+                                       torch_state)
 from edgeloop.model.config import ConfigError, HyperloopConfig
+
+__all__ = ["NanochatImportError", "as_checkpoint", "import_nanochat", "is_nanochat", "temporary_checkpoint"]
 
 # GPTConfig defaults of looped-lm-scaling: its loader fills keys that an older meta file lacks with these
 DEFAULTS: dict[str, Any] = {
@@ -43,12 +43,11 @@ BLOCK_KEYS = {"attn.c_q.weight": "attn.c_q.weight", "attn.c_k.weight": "attn.c_k
               "mlp.c_fc.weight": "mlp.c_fc.weight", "mlp.c_proj.weight": "mlp.c_proj.weight",
               "n1.weight": "norm1.weight", "n3.weight": "norm2.weight"}
 PADDED = ("transformer.wte.weight", "lm_head.weight")  # vocab rows padded up; pad rows are dropped
-FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 PREFIX = "_orig_mod."  # torch.compile's wrapper prefix
 MODEL_RE = re.compile(r"^model_(.+)\.pt$")
 
 
-class NanochatImportError(ValueError):
+class NanochatImportError(ImporterError):
     """The nanochat checkpoint folder is missing, unsafe or inconsistent (message names the part)."""
 
 
@@ -97,11 +96,8 @@ def resolve_step(folder: Path, step: int | str | None) -> tuple[str, Path, Path]
 # ---- meta_<step>.json -> HyperloopConfig ------------------------------------------------------------
 def read_meta(path: Path) -> tuple[dict, dict]:
     """(meta, model_config with the loader's migrations and defaults applied), validated field by field."""
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise NanochatImportError(f"{path}: not valid JSON ({e})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict):
+    meta = read_json(path, NanochatImportError)
+    if not isinstance(meta.get("model_config"), dict):
         raise NanochatImportError(f"{path}: no 'model_config' object (not a looped-lm-scaling meta file)")
     mc = dict(meta["model_config"])
     if "train_recur_mean" in mc and "num_recur" not in mc:  # renamed key of older checkpoints
@@ -156,28 +152,9 @@ def to_config(mc: dict, provenance: dict) -> HyperloopConfig:
 
 # ---- model_<step>.pt -> edgeloop tensors ------------------------------------------------------------
 def load_state(path: Path) -> dict[str, torch.Tensor]:
-    """The state dict of `path`, loaded with weights_only=True (a pickle naming any code is refused)."""
-    def load(mmap: bool):
-        return torch.load(path, weights_only=True, map_location="cpu", mmap=mmap)
-
-    try:
-        try:
-            sd = load(True)
-        except RuntimeError as e:  # a legacy (non-zip) torch.save file cannot be memory-mapped
-            if "mmap" not in str(e):
-                raise
-            sd = load(False)
-    except pickle.UnpicklingError as e:
-        why = next((ln.strip() for ln in str(e).splitlines() if "GLOBAL" in ln or "Unsupported" in ln), "")
-        raise NanochatImportError(f"{path}: refused: the pickle references code or objects other than tensors "
-                                  f"(weights_only load; nothing was run: {why or str(e).splitlines()[0]})") from None
-    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, UnicodeDecodeError) as e:
-        raise NanochatImportError(f"{path}: cannot be read as a torch checkpoint ({str(e).splitlines()[0]})") \
-            from None
-    if not isinstance(sd, dict) or not all(isinstance(k, str) for k in sd):
-        raise NanochatImportError(f"{path}: expected a state dict (name -> tensor), got {type(sd).__name__}")
+    """The state dict of `path` (weights_only=True: a pickle naming any code is refused), `_orig_mod.` dropped."""
     out: dict[str, torch.Tensor] = {}
-    for k, v in sd.items():
+    for k, v in torch_state(path, NanochatImportError).items():
         name = k.removeprefix(PREFIX)
         if name in out:
             raise NanochatImportError(f"{path}: tensor '{name}' is stored twice (with and without {PREFIX})")
@@ -201,8 +178,10 @@ def key_map(mc: dict) -> dict[str, str]:
     return m
 
 
-def map_state(sd: dict[str, torch.Tensor], mc: dict, cfg: HyperloopConfig, path: Path) -> dict[str, torch.Tensor]:
-    """Validated float32 edgeloop tensors (pad rows dropped); names, shapes and dtypes checked first."""
+def check_state(sd: dict[str, torch.Tensor], mc: dict, cfg: HyperloopConfig, path: Path
+                ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """The output header (edgeloop name -> float32, shape; pad rows dropped) once every source tensor's
+    name, dtype and shape is checked against the model config."""
     from edgeloop.model.checkpoint import expected_tensors
 
     names = key_map(mc)
@@ -214,7 +193,7 @@ def map_state(sd: dict[str, torch.Tensor], mc: dict, cfg: HyperloopConfig, path:
         raise NanochatImportError(f"{path}: unexpected tensor '{extra[0]}' ({len(extra)} unexpected in all; "
                                   f"input_injection={mc['input_injection']})")
     want = expected_tensors(cfg)
-    out = {}
+    header = {}
     for theirs, mine in names.items():
         t = sd[theirs]
         if not isinstance(t, torch.Tensor) or t.dtype not in FLOATS:
@@ -225,14 +204,19 @@ def map_state(sd: dict[str, torch.Tensor], mc: dict, cfg: HyperloopConfig, path:
             if len(shape) != 2 or shape[1] != cfg.d_model or shape[0] < cfg.vocab_size:
                 raise NanochatImportError(f"{path}: '{theirs}' has shape {shape}; model_config says "
                                           f"(≥{cfg.vocab_size}, {cfg.d_model}) (vocab_size rows, padded)")
-            t = t[: cfg.vocab_size]
         elif shape != want[mine]:
             raise NanochatImportError(f"{path}: '{theirs}' has shape {shape}; model_config says {want[mine]}")
-        t = t.to(torch.float32).contiguous()
+        header[mine] = (torch.float32, want[mine])
+    return header
+
+
+def stream(sd: dict[str, torch.Tensor], mc: dict, cfg: HyperloopConfig, path: Path):
+    """(edgeloop name, tensor) for every checked source tensor, pad rows dropped (bf16 widens exactly)."""
+    for theirs, mine in key_map(mc).items():
+        t = sd[theirs][: cfg.vocab_size] if theirs in PADDED else sd[theirs]
         if not torch.isfinite(t).all():
             raise NanochatImportError(f"{path}: '{theirs}' holds NaN or Inf values")
-        out[mine] = t
-    return out
+        yield mine, t
 
 
 # ---- tokenizer, card --------------------------------------------------------------------------------
@@ -247,12 +231,7 @@ def find_tokenizer(folder: Path, tokenizer: str | os.PathLike | None, vocab_size
         f = f / "tokenizer.json" if f.is_dir() else f
         if not f.is_file():
             raise NanochatImportError(f"--tokenizer {tokenizer}: no such tokenizer.json file")
-    from tokenizers import Tokenizer
-
-    try:
-        n = Tokenizer.from_file(str(f)).get_vocab_size(with_added_tokens=True)
-    except Exception as e:  # tokenizers raises a bare Exception on bad JSON
-        raise NanochatImportError(f"{f}: cannot be read as a tokenizer ({str(e).splitlines()[0]})") from None
+    n = tokenizer_vocab(f, NanochatImportError)
     if n > vocab_size:
         raise NanochatImportError(f"{f}: the tokenizer has {n} tokens; the model's vocab_size is {vocab_size}")
     return f
@@ -277,92 +256,63 @@ def model_card(cfg: HyperloopConfig, prov: dict, params: int) -> str:
     mode = prov["model_config"]["input_injection"]
     hc = (f"static lanes, n = {cfg.n_streams} (hyperconnect), collapse sum" if cfg.hc == "static"
           else f"none, injection = {cfg.injection} ({mode})")
-    return f"""---
-library_name: edgeloop
-tags: [looped-transformer, imported, looped-lm-scaling]
----
-# {Path(prov['source']).name} (step {prov['step']}), imported
-
-Imported by `edgeloop import-nanochat` from the looped-lm-scaling (nanochat) checkpoint
-`{prov['source']}/{prov['model_file']}` + `{prov['meta_file']}` (format of
-https://github.com/kschwethelm/looped-lm-scaling). The weights are the source's, unchanged (stored float32;
-bf16 tensors widened exactly); their licence is the source's.
-
-| field | value |
-|---|---|
-| layout | prelude {cfg.n_begin} → recur {cfg.n_middle} × {cfg.num_loops} → coda {cfg.n_end} |
-| hyper-connections | {hc} |
-| width | d = {cfg.d_model}, {cfg.n_heads} heads, {cfg.n_kv_heads} KV heads, relu² MLP {cfg.mlp_hidden} |
-| vocabulary | {cfg.vocab_size} (source rows {prov['padded_vocab']}, pad rows dropped) |
-| logit soft-cap | {cfg.logit_softcap:g} |
-| context | {cfg.max_seq_len} (training sequence_len); rotary θ 10000, bf16 tables |
-| parameters | {params:,} |
-| source step / tokens / val loss | {prov['step']} / {prov.get('tokens')} / {prov.get('val_loss')} |
-"""
+    return card(f"{Path(prov['source']).name} (step {prov['step']}), imported",
+                f"Imported by `edgeloop import-nanochat` from the looped-lm-scaling (nanochat) checkpoint\n"
+                f"`{prov['source']}/{prov['model_file']}` + `{prov['meta_file']}` (format of\n"
+                f"https://github.com/kschwethelm/looped-lm-scaling). The weights are the source's, unchanged "
+                f"(stored float32;\nbf16 tensors widened exactly); their licence is the source's.", [
+                    ("layout", f"prelude {cfg.n_begin} → recur {cfg.n_middle} × {cfg.num_loops} → coda {cfg.n_end}"),
+                    ("hyper-connections", hc),
+                    ("width", f"d = {cfg.d_model}, {cfg.n_heads} heads, {cfg.n_kv_heads} KV heads, relu² MLP "
+                              f"{cfg.mlp_hidden}"),
+                    ("vocabulary", f"{cfg.vocab_size} (source rows {prov['padded_vocab']}, pad rows dropped)"),
+                    ("logit soft-cap", f"{cfg.logit_softcap:g}"),
+                    ("context", f"{cfg.max_seq_len} (training sequence_len); rotary θ 10000, bf16 tables"),
+                    ("parameters", f"{params:,}"),
+                    ("source step / tokens / val loss", f"{prov['step']} / {prov.get('tokens')} / {prov.get('val_loss')}")],
+                ["looped-lm-scaling"])
 
 
-# ---- the verbs ----------------------------------------------------------------------------------------
+# ---- the importer ------------------------------------------------------------------------------------
+@register
+class Nanochat(Importer):
+    name = "nanochat"
+    title = "looped-lm-scaling (nanochat): model_<step>.pt + meta_<step>.json"
+    error = NanochatImportError
+    options = ("step", "tokenizer")
+
+    def detect(self, folder: Path) -> bool:
+        return is_nanochat(folder)
+
+    def read(self, folder: Path, step: int | str | None = None, tokenizer: str | os.PathLike | None = None) -> Source:
+        infix, model_file, meta_file = resolve_step(folder, step)
+        meta, mc = read_meta(meta_file)
+        tok = find_tokenizer(folder, tokenizer, mc["vocab_size"])
+        sd = load_state(model_file)
+        padded = sd["transformer.wte.weight"].shape[0] \
+            if isinstance(sd.get("transformer.wte.weight"), torch.Tensor) else None
+        prov = {"format": "looped-lm-scaling (nanochat)", "source": str(folder.resolve()),
+                "model_file": model_file.name, "meta_file": meta_file.name,
+                "step": meta.get("step", int(infix) if infix.isdigit() else infix), "tokens": meta.get("tokens"),
+                "val_loss": meta.get("val_loss"), "model_config": meta["model_config"], "padded_vocab": padded}
+        cfg = to_config(mc, prov)
+        header = check_state(sd, mc, cfg, model_file)
+        params = sum(math.prod(s) for _, s in header.values())
+        files = {"README.md": model_card(cfg, prov, params)}
+        if tok is not None:
+            files["tokenizer.json"] = tok.read_bytes()
+            files["tokenizer_config.json"] = json.dumps(tokenizer_config(tok, cfg.max_seq_len), indent=2) + "\n"
+        dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in sd.values() if isinstance(v, torch.Tensor)})
+        summary = {"step": prov["step"], "model_file": model_file.name, "input_injection": mc["input_injection"],
+                   "hc": cfg.hc, "injection": cfg.injection, "n_streams": cfg.n_streams, "source_dtypes": dtypes,
+                   "stored_dtype": "float32", "vocab_size": cfg.vocab_size, "padded_vocab": padded,
+                   "tokenizer": str(tok) if tok is not None else None}
+        return Source(cfg, header, lambda: stream(sd, mc, cfg, model_file), files, summary)
+
+
 def import_nanochat(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike, step: int | str | None = None,
                     tokenizer: str | os.PathLike | None = None, overwrite: bool = False) -> dict:
     """Convert a nanochat checkpoint folder into an edgeloop checkpoint folder (atomically); a summary dict."""
-    from edgeloop.model.checkpoint import save_checkpoint
-    from edgeloop.model.model import Hyperloop, rope_tables
-
-    folder, out = Path(ckpt_dir), Path(out_dir)
-    check_output_dir(out, overwrite)
-    if out.resolve() == folder.resolve():
-        raise NanochatImportError(f"{out}: the output folder must differ from the checkpoint folder")
-    infix, model_file, meta_file = resolve_step(folder, step)
-    meta, mc = read_meta(meta_file)
-    tok = find_tokenizer(folder, tokenizer, mc["vocab_size"])
-    sd = load_state(model_file)
-    padded = sd["transformer.wte.weight"].shape[0] if isinstance(sd.get("transformer.wte.weight"), torch.Tensor) \
-        else None
-    prov = {"format": "looped-lm-scaling (nanochat)", "source": str(folder.resolve()), "model_file": model_file.name,
-            "meta_file": meta_file.name, "step": meta.get("step", int(infix) if infix.isdigit() else infix),
-            "tokens": meta.get("tokens"), "val_loss": meta.get("val_loss"), "model_config": meta["model_config"],
-            "padded_vocab": padded}
-    cfg = to_config(mc, prov)
-    state = map_state(sd, mc, cfg, model_file)
-    dtypes = sorted({str(v.dtype).removeprefix("torch.") for v in sd.values() if isinstance(v, torch.Tensor)})
-    del sd
-    with torch.device("meta"):
-        model = Hyperloop(cfg)
-    model.load_state_dict(state, strict=True, assign=True)
-    model.rope_cos, model.rope_sin = rope_tables(cfg, cfg.max_seq_len)
-    params = sum(p.numel() for p in model.parameters())
-    files = {"README.md": model_card(cfg, prov, params)}
-    if tok is not None:
-        files["tokenizer.json"] = tok.read_text(encoding="utf-8")
-        files["tokenizer_config.json"] = json.dumps(tokenizer_config(tok, cfg.max_seq_len), indent=2) + "\n"
-    save_checkpoint(model.eval(), out, dtype=torch.float32, overwrite=overwrite, extra_files=files)
-    return {"source": str(folder), "output": str(out), "step": prov["step"], "model_file": model_file.name,
-            "input_injection": mc["input_injection"], "hc": cfg.hc, "injection": cfg.injection,
-            "n_streams": cfg.n_streams, "tensors": len(state), "params": params, "source_dtypes": dtypes,
-            "stored_dtype": "float32", "vocab_size": cfg.vocab_size, "padded_vocab": padded,
-            "tokenizer": str(tok) if tok is not None else None, "config": cfg.to_dict()}
-
-
-def as_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """`path` itself unless it is a nanochat folder; then import it (latest step) into `out_dir`, return that."""
-    if not is_nanochat(path):
-        return Path(path)
-    import_nanochat(path, out_dir, overwrite=overwrite)
-    return Path(out_dir)
-
-
-@contextlib.contextmanager
-def temporary_checkpoint(path: str | os.PathLike, out_dir: str | os.PathLike,
-                         overwrite: bool = False) -> Iterator[Path]:
-    """`path` itself, or (a nanochat folder) its import into a temporary folder beside `out_dir`, removed on
-    exit. `out_dir` is checked first, so a refused output costs no import."""
-    if not is_nanochat(path):
-        yield Path(path)
-        return
-    out = check_output_dir(out_dir, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
-    try:
-        yield as_checkpoint(path, work / Path(path).resolve().name)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    if not Path(ckpt_dir).is_dir():
+        raise NanochatImportError(f"{ckpt_dir}: no such folder")
+    return import_folder(ckpt_dir, out_dir, "nanochat", overwrite=overwrite, step=step, tokenizer=tokenizer)

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from edgeloop.io import atomic_dir, write_json
 from edgeloop.model.config import ConfigError, HyperloopConfig
-from edgeloop.model.model import Hyperloop, rope_tables
+from edgeloop.model.model import Hyperloop, meta_model
 
 FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -52,9 +52,7 @@ def load_config(path: str | os.PathLike) -> HyperloopConfig:
 
 def expected_tensors(cfg: HyperloopConfig) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor a float checkpoint of `cfg` holds."""
-    with torch.device("meta"):
-        model = Hyperloop(cfg)
-    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    return {k: tuple(v.shape) for k, v in meta_model(cfg).state_dict().items()}
 
 
 def open_safetensors(path: Path):
@@ -106,19 +104,16 @@ def load_state(path: str | os.PathLike, cfg: HyperloopConfig) -> dict[str, torch
 
 
 def load_model(path: str | os.PathLike) -> Hyperloop:
-    """Load a checkpoint folder (float, or quantized: dequantize-on-the-fly linears) as an fp32 eval model."""
+    """Load a float checkpoint folder as an fp32 eval model (a quantized folder: edgeloop.quantize.load_checkpoint,
+    the stage that owns that format)."""
     raw = read_config(path)
     if "quantization_config" in raw:
-        from edgeloop.quantize import load_quantized  # the quantize stage owns its format
-
-        return load_quantized(path)
+        raise CheckpointError(f"{path}: is a quantized checkpoint; load it with edgeloop.quantize.load_checkpoint")
     cfg = load_config(path)
     state = load_state(path, cfg)
-    with torch.device("meta"):
-        model = Hyperloop(cfg)
+    model = meta_model(cfg)
     model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True, assign=True)
-    model.rope_cos, model.rope_sin = rope_tables(cfg, cfg.max_seq_len)  # buffers are not stored
-    return model.eval()
+    return model.init_buffers().eval()
 
 
 def save_checkpoint(model: Hyperloop, out: str | os.PathLike, *, dtype: torch.dtype = torch.float32,

@@ -11,10 +11,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-HC_VARIANTS = ("dynamic", "static", "none")
-INJECTIONS = ("passthrough", "additive", "inject")
-MLP_KINDS = ("swiglu", "relu2")
 COLLAPSES = ("mean", "sum")
+PIECE_FIELDS = ("block", "mlp", "rotary", "hc", "injection")  # each names a registered piece (model/pieces)
 
 
 class ConfigError(ValueError):
@@ -39,9 +37,12 @@ class HyperloopConfig:
     middle_norm: bool = False  # o = norm_mid(middle_block(u)) after each loop
     loop_embedding: bool = True  # dynamic only: learned per-loop vector added to u
     sinkhorn_iters: int = 20
-    mlp: str = "swiglu"
+    block: str = "prenorm"  # block kind: "prenorm"
+    mlp: str = "swiglu"  # MLP kind: "swiglu", "relu2", "geglu"
     mlp_hidden: int = 768
+    rotary: str = "half"  # rotary flavour: "half" (pairs i, i + hd/2)
     qk_norm: bool = True
+    qk_bias: bool = False  # biases on the q and k projections (added before rotary)
     embed_norm: bool = False  # x = RMSNorm(embed(tokens))
     logit_softcap: float = 0.0  # 0 = off, else softcap * tanh(logits / softcap)
     tie_embeddings: bool = True
@@ -64,9 +65,15 @@ class HyperloopConfig:
     def unique_layers(self) -> int:
         return self.n_begin + self.n_middle + self.n_end
 
+    def kv_layout(self, dtype: str = "float32"):
+        """The export's KV-cache slots (edgeloop.kv.Layout: the one statement of the convention)."""
+        from edgeloop.kv import Layout
+
+        return Layout.of_config(self, dtype)
+
     def slot(self, loop: int, layer: int) -> int:
         """KV-cache slot of middle layer `layer` in loop `loop` (begin, then loop-major middle, then end)."""
-        return self.n_begin + loop * self.n_middle + layer
+        return self.kv_layout().slot(loop, layer)
 
     # ---- validation and (de)serialisation -----------------------------------------
     def validate(self) -> "HyperloopConfig":
@@ -84,12 +91,11 @@ class HyperloopConfig:
                 raise bad(name, "must be a non-negative integer")
         if self.n_middle == 0:
             raise bad("n_middle", "the middle block needs at least one layer")
-        if self.hc not in HC_VARIANTS:
-            raise bad("hc", f"must be one of {HC_VARIANTS}")
-        if self.injection not in INJECTIONS:
-            raise bad("injection", f"must be one of {INJECTIONS}")
-        if self.mlp not in MLP_KINDS:
-            raise bad("mlp", f"must be one of {MLP_KINDS}")
+        from edgeloop.model.pieces import names  # the registered pieces (imported here: config stays light)
+
+        for name in PIECE_FIELDS:
+            if getattr(self, name) not in names(name):
+                raise bad(name, f"must be one of {names(name)}")
         if self.collapse not in COLLAPSES:
             raise bad("collapse", f"must be one of {COLLAPSES}")
         if self.d_model % self.n_heads:
@@ -108,7 +114,7 @@ class HyperloopConfig:
                 raise bad(name, "must be a finite non-negative number")
         if self.rope_theta <= 0 or self.norm_eps <= 0:
             raise bad("rope_theta" if self.rope_theta <= 0 else "norm_eps", "must be positive")
-        for name in ("middle_norm", "loop_embedding", "qk_norm", "embed_norm", "tie_embeddings", "rope_bf16"):
+        for name in ("middle_norm", "loop_embedding", "qk_norm", "qk_bias", "embed_norm", "tie_embeddings", "rope_bf16"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
         return self
@@ -159,6 +165,9 @@ PRESETS: dict[str, HyperloopConfig] = {
                                  n_middle=2, n_end=1, num_loops=3, hc="none", n_streams=1,
                                  injection="inject", middle_norm=True, loop_embedding=False,
                                  mlp_hidden=128, max_seq_len=128),
+    "test-geglu": HyperloopConfig(vocab_size=320, d_model=64, n_heads=4, n_kv_heads=2, n_begin=1, n_middle=2,
+                                  n_end=1, num_loops=2, hc="none", n_streams=1, injection="additive",
+                                  loop_embedding=False, mlp="geglu", mlp_hidden=128, max_seq_len=128),
     "test-standard": HyperloopConfig(vocab_size=320, d_model=64, n_heads=4, n_kv_heads=1, n_begin=1,
                                      n_middle=2, n_end=1, num_loops=1, hc="none", n_streams=1,
                                      loop_embedding=False, qk_norm=False, mlp_hidden=128, max_seq_len=128),

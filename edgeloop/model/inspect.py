@@ -6,22 +6,23 @@ import os
 from collections import Counter
 from pathlib import Path
 
-from edgeloop.model.checkpoint import load_config, open_safetensors, read_config
+from edgeloop.model.checkpoint import expected_tensors, load_config, open_safetensors, read_config
+from edgeloop.model.model import Tensor, meta_model
 
-HC_PREFIXES = ("hc.", "loop_embed")
+PACKED_PARTS = ("qweight", "scales", "qzeros")  # a quantized tensor's parts (edgeloop.quantize.packing)
 
 
-def tensor_role(name: str) -> str:
-    """'hc' (hyper-connection parameter), 'norm', 'embedding', 'lm_head' or 'linear'."""
-    if name.startswith(HC_PREFIXES):
-        return "hc"
-    if "norm" in name:
-        return "norm"
-    if name.startswith("embed."):
-        return "embedding"
-    if name.startswith("lm_head."):
-        return "lm_head"
-    return "linear"
+def tensor_role(name: str, table: dict[str, Tensor]) -> str:
+    """The role (linear, embedding, lm_head, hc, norm, bias) of a stored tensor or of a quantized one's part,
+    from the model's table (Hyperloop.tensors()); 'unknown' for a name the model does not have."""
+    if name in table:
+        return table[name].role
+    p, _, part = name.rpartition(".")
+    if part in PACKED_PARTS:
+        for base in (f"{p}.weight", p):
+            if base in table:
+                return table[base].role
+    return "unknown"
 
 
 def summarize(path: str | os.PathLike) -> dict:
@@ -29,6 +30,7 @@ def summarize(path: str | os.PathLike) -> dict:
     path = Path(path)
     raw = read_config(path)
     cfg = load_config(path)
+    table = meta_model(cfg).tensors()
     by_dtype, by_role, tensors = Counter(), Counter(), []
     with open_safetensors(path / "model.safetensors") as f:
         for name in f.keys():
@@ -39,11 +41,9 @@ def summarize(path: str | os.PathLike) -> dict:
                 n *= s
             nbytes = n * {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "I8": 1, "I32": 4, "I64": 8}.get(dtype, 4)
             by_dtype[dtype] += nbytes
-            by_role[tensor_role(name)] += nbytes
-            tensors.append({"name": name, "shape": shape, "dtype": dtype, "bytes": nbytes,
-                            "role": tensor_role(name)})
-    from edgeloop.model.checkpoint import expected_tensors
-
+            role = tensor_role(name, table)
+            by_role[role] += nbytes
+            tensors.append({"name": name, "shape": shape, "dtype": dtype, "bytes": nbytes, "role": role})
     shapes = expected_tensors(cfg)
     numel = {k: 1 for k in shapes}
     for k, s in shapes.items():

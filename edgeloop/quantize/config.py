@@ -1,23 +1,28 @@
-"""QuantConfig: the settings of the INT4 quantize stage, their validation, and the per-tensor policy.
+"""Quantize settings (RTNConfig, GPTQConfig: calibration options exist only where they mean something),
+their validation, and the per-tensor policy.
 
-Policy (which stored tensor becomes INT4, and why the others are kept):
-    linear     begin/middle/end attn.c_q/c_k/c_v/c_proj, mlp.c_fc/c_gate/c_proj, inject   -> INT4 always
+Policy (which stored tensor becomes INT4, and why the others are kept); the roles come from the model
+(Hyperloop.tensors(): each piece declares its linears), never from matching names:
+    linear     every block linear (attention q/k/v/out, MLP up/gate/down), the injection   -> INT4 always
     embedding  embed.weight [V, d]                      -> INT8 (embedding_bits) iff quantize_embedding (default;
                also the tied lm_head: GatherBlockQuantized and MatMulNBits read the same bytes)
     lm_head    lm_head.weight [V, d] (untied only)      -> INT4 iff quantize_lm_head
-    hc         hc.w_pre / w_post / w_res [r, n*d, *], loop_embed [r, d] -> INT4 iff quantize_hc;
+    hc         per-loop hyper-connection matrices and loop_embed -> INT4 iff quantize_hc;
                the hc scalars and vectors (a_*, b_*, lanes) are always kept (too small to group)
-    norm       every RMSNorm weight                     -> always kept
+    norm, bias every RMSNorm weight and linear bias     -> always kept
 Kept tensors are stored in keep_dtype.
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from functools import lru_cache
+from typing import Any, ClassVar
+
+import torch
 
 from edgeloop.model.config import HyperloopConfig
-from edgeloop.model.inspect import tensor_role
+from edgeloop.model.model import Tensor, meta_model
 
 QUANT_METHOD = "edgeloop-int4"
 FORMAT = "int4-blocked-kpacked"
@@ -26,7 +31,7 @@ EMBEDDING_BITS = (4, 8)
 ALGORITHMS = ("rtn", "gptq")
 SCALE_DTYPES = ("float16", "float32")
 KEEP_DTYPES = ("float32", "float16")
-HC_MATRICES = ("hc.w_pre", "hc.w_post", "hc.w_res")
+CALIBRATION_FIELDS = ("calib_text", "calib_samples", "calib_seq_len", "seed", "act_order")
 
 
 class QuantizeError(ValueError):
@@ -35,22 +40,17 @@ class QuantizeError(ValueError):
 
 @dataclass
 class QuantConfig:
-    """Settings of `quantize_` / `quantize_checkpoint` (torchao style: a config and one verb)."""
+    """What every algorithm shares (torchao style: a config and one verb, `quantize_(model, config)`)."""
+    algorithm: ClassVar[str] = "rtn"
     bits: int = 4
     group_size: int = 128
     sym: bool = False
-    algorithm: str = "rtn"  # "rtn" | "gptq"
     scale_dtype: str = "float16"
     keep_dtype: str = "float32"  # dtype of tensors kept unquantized
     quantize_embedding: bool = True  # default defended by measurement: benchmarks/bench_quantize.py
     embedding_bits: int = 8  # 8: +0.01 % drift on the demo; 4: +1.1 % (the tied lm_head is most of it)
     quantize_lm_head: bool = False
     quantize_hc: bool = False  # only to measure what keeping hyper-connections buys
-    calib_text: str | None = None  # UTF-8 file; None = the demo corpus training split
-    calib_samples: int = 128
-    calib_seq_len: int = 256
-    seed: int = 0
-    act_order: bool = False
 
     def validate(self) -> "QuantConfig":
         if self.bits != 4:
@@ -59,12 +59,35 @@ class QuantConfig:
             raise QuantizeError(f"embedding_bits={self.embedding_bits} must be 4 or 8")
         if self.group_size not in GROUP_SIZES:
             raise QuantizeError(f"group_size={self.group_size} must be one of {GROUP_SIZES}")
-        if self.algorithm not in ALGORITHMS:
-            raise QuantizeError(f"algorithm={self.algorithm!r} must be one of {ALGORITHMS}")
         if self.scale_dtype not in SCALE_DTYPES:
             raise QuantizeError(f"scale_dtype={self.scale_dtype!r} must be one of {SCALE_DTYPES}")
         if self.keep_dtype not in KEEP_DTYPES:
             raise QuantizeError(f"keep_dtype={self.keep_dtype!r} must be one of {KEEP_DTYPES}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """Every setting, the calibration ones None where the algorithm has none (a stable key set)."""
+        return {"algorithm": self.algorithm, **dict.fromkeys(CALIBRATION_FIELDS), **dataclasses.asdict(self)}
+
+
+@dataclass
+class RTNConfig(QuantConfig):
+    """Round to nearest, per group: no calibration data."""
+    algorithm: ClassVar[str] = "rtn"
+
+
+@dataclass
+class GPTQConfig(QuantConfig):
+    """GPTQ against calibration activations (loop-aware: a middle-block weight sees all r loops)."""
+    algorithm: ClassVar[str] = "gptq"
+    calib_text: str | None = None  # UTF-8 file; None = the demo corpus training split
+    calib_samples: int = 128
+    calib_seq_len: int = 256
+    seed: int = 0
+    act_order: bool = False
+
+    def validate(self) -> "GPTQConfig":
+        super().validate()
         for name in ("calib_samples", "calib_seq_len"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -73,8 +96,21 @@ class QuantConfig:
             raise QuantizeError(f"calib_seq_len={self.calib_seq_len} must be at least 2")
         return self
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+
+CONFIGS: dict[str, type[QuantConfig]] = {"rtn": RTNConfig, "gptq": GPTQConfig}
+
+
+def quant_config(algorithm: str = "rtn", **settings) -> QuantConfig:
+    """The config of `algorithm` with `settings`; a setting the algorithm does not take is refused by name."""
+    if algorithm not in CONFIGS:
+        raise QuantizeError(f"algorithm={algorithm!r} must be one of {ALGORITHMS}")
+    cls = CONFIGS[algorithm]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(settings) - fields)
+    if bad:
+        where = " (a calibration setting: --method gptq only)" if bad[0] in CALIBRATION_FIELDS else ""
+        raise QuantizeError(f"{bad[0]}: not a setting of {algorithm}{where}")
+    return cls(**settings)
 
 
 def prefix(name: str) -> str:
@@ -82,29 +118,51 @@ def prefix(name: str) -> str:
     return name[:-len(".weight")] if name.endswith(".weight") else name
 
 
-def quant_k(name: str, shape: tuple[int, ...]) -> int:
-    """K (the grouped input axis) of a quantizable tensor: Linear/embedding [N, K], hc matrix [r, K, N]."""
-    return shape[1] if name in HC_MATRICES else shape[-1]
+@lru_cache(maxsize=8)
+def _roles(cfg_json: str) -> dict[str, Tensor]:
+    import json
+
+    return meta_model(HyperloopConfig.from_dict(json.loads(cfg_json))).tensors()
 
 
-def tensor_policy(name: str, shape: tuple[int, ...], cfg: HyperloopConfig, q: QuantConfig) -> tuple[bool, str]:
-    """(quantize?, why) for one stored float tensor of a checkpoint of `cfg` under settings `q`."""
-    role = tensor_role(name)
-    if role == "linear":
+def roles(cfg: HyperloopConfig) -> dict[str, Tensor]:
+    """Name -> Tensor (role, K axis, calls, block, group) of every stored tensor of a checkpoint of `cfg`."""
+    import json
+
+    return _roles(json.dumps(cfg.to_dict(), sort_keys=True))
+
+
+def as_rows(t: torch.Tensor, info: Tensor) -> torch.Tensor:
+    """A quantizable tensor as rows [..., N, K] with K = its grouped axis (per-loop hc matrices [r, K, N]
+    are stored K-first)."""
+    return t.transpose(-1, -2) if info.k_axis not in (-1, t.ndim - 1) else t
+
+
+def row_shape(shape: tuple[int, ...], info: Tensor) -> tuple[int, ...]:
+    """The shape as_rows gives a tensor of `shape`."""
+    if info.k_axis in (-1, len(shape) - 1):
+        return tuple(shape)
+    return (*shape[:-2], shape[-1], shape[-2])
+
+
+def tensor_policy(name: str, info: Tensor, cfg: HyperloopConfig, q: QuantConfig) -> tuple[bool, str]:
+    """(quantize?, why) for one stored float tensor (its role `info`) of a checkpoint of `cfg` under `q`."""
+    if info.role == "linear":
         return True, f"linear, INT4 {q.algorithm}"
-    if role == "norm":
+    if info.role == "norm":
         return False, "norm weight (never INT4)"
-    if role == "embedding":
+    if info.role == "bias":
+        return False, "linear bias (never INT4)"
+    if info.role == "embedding":
         tied = " and tied lm_head" if cfg.tie_embeddings else ""
         if q.quantize_embedding:
             return True, f"embedding{tied}, INT{q.embedding_bits} rtn (default; --keep-embedding to change)"
         return False, f"embedding{tied} kept (--keep-embedding)"
-    if role == "lm_head":
+    if info.role == "lm_head":
         if q.quantize_lm_head:
             return True, f"lm_head, INT4 {q.algorithm} (--quantize-lm-head)"
         return False, "lm_head kept (default; --quantize-lm-head to change)"
-    # hyper-connection parameters
-    if name in HC_MATRICES or name == "loop_embed":
+    if info.quantizable:  # hyper-connection matrices and loop embeddings
         if q.quantize_hc:
             return True, "hyper-connection matrix, INT4 rtn (--quantize-hc)"
         return False, "hyper-connection parameter (never INT4 by default)"
@@ -116,9 +174,9 @@ def tensor_bits(name: str, embedding_bits: int | None) -> int:
     return (embedding_bits or 4) if name == "embed.weight" else 4
 
 
-def check_group(name: str, shape: tuple[int, ...], group_size: int) -> None:
+def check_group(name: str, shape: tuple[int, ...], info: Tensor, group_size: int) -> None:
     """Refuse K % G != 0 (edgeloop does not pad: MatMulNBits blocks must tile K exactly)."""
-    k = quant_k(name, shape)
+    k = row_shape(shape, info)[-1]
     if k % group_size:
         raise QuantizeError(f"tensor '{name}': K={k} is not divisible by group size G={group_size} "
                             f"(pick a group size that divides {k}; edgeloop does not pad)")
@@ -127,11 +185,11 @@ def check_group(name: str, shape: tuple[int, ...], group_size: int) -> None:
 def plan(shapes: dict[str, tuple[int, ...]], cfg: HyperloopConfig, q: QuantConfig
          ) -> tuple[dict[str, str], dict[str, str]]:
     """(quantized name -> why, kept name -> why) for stored tensors name -> shape; refuses K % G != 0."""
-    quant, kept = {}, {}
+    quant, kept, table = {}, {}, roles(cfg)
     for name, shape in shapes.items():
-        yes, why = tensor_policy(name, shape, cfg, q)
+        yes, why = tensor_policy(name, table[name], cfg, q)
         if yes:
-            check_group(name, shape, q.group_size)
+            check_group(name, shape, table[name], q.group_size)
             quant[name] = why
         else:
             kept[name] = why
@@ -149,7 +207,7 @@ def quantization_config(q: QuantConfig, quantized: list[str], kept: list[str], c
         "sym": q.sym,
         "zero_point": "implicit 8" if q.sym else "packed uint4 (qzeros)",
         "algorithm": q.algorithm,
-        "act_order": q.act_order if q.algorithm == "gptq" else False,
+        "act_order": getattr(q, "act_order", False),
         "damp_percent": 0.01 if q.algorithm == "gptq" else None,
         "scale_dtype": q.scale_dtype,
         "keep_dtype": q.keep_dtype,
@@ -171,9 +229,10 @@ def describe(name: str, shape: tuple[int, ...], cfg: HyperloopConfig, qc: dict |
         if name.endswith("." + part):
             bits = (qc or {}).get("embedding_bits") or 4 if name.startswith("embed.") else 4
             return f"INT{bits} {part} (G={qc['group_size'] if qc else '?'})"
-    fields = {f.name for f in dataclasses.fields(QuantConfig)}
-    q = QuantConfig(**{k: v for k, v in (qc or {}).items() if k in fields and k not in ("calibration",)})
-    yes, why = tensor_policy(name, shape, cfg, q)
+    cls = CONFIGS.get((qc or {}).get("algorithm"), RTNConfig)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    q = cls(**{k: v for k, v in (qc or {}).items() if k in fields and k != "calib_text"})
+    yes, why = tensor_policy(name, roles(cfg)[name], cfg, q)
     if qc is None:
         return ("quantized by default: " if yes else "kept by default: ") + why
     return f"kept {qc.get('keep_dtype', '?')}: {why}"

@@ -23,10 +23,9 @@ import numpy as np
 import torch
 
 from edgeloop.model.model import Hyperloop
-from edgeloop.quantize.config import HC_MATRICES, QuantConfig, QuantizeError, plan
+from edgeloop.quantize.config import GPTQConfig, QuantConfig, QuantizeError, as_rows, plan, roles
 from edgeloop.quantize.gptq import GPTQ
-from edgeloop.quantize.modules import (QuantEmbedding, QuantLinear, linear_targets, sequential_groups,
-                                       set_module)
+from edgeloop.quantize.modules import QuantEmbedding, QuantLinear, linear_groups, set_module
 from edgeloop.quantize.packing import dequantize, encode, rtn
 
 CALIB_BATCH = 8  # calibration sequences per forward (bounds activation memory)
@@ -37,7 +36,7 @@ class _Stop(Exception):
     """Raised by a calibration hook once its group has seen every call of this forward."""
 
 
-def calibration_ids(tokenizer, cfg: QuantConfig, max_seq_len: int) -> tuple[torch.Tensor, dict]:
+def calibration_ids(tokenizer, cfg: GPTQConfig, max_seq_len: int) -> tuple[torch.Tensor, dict]:
     """[calib_samples, calib_seq_len] token windows: the text cut into windows of calib_seq_len tokens,
     calib_samples of them drawn without replacement (numpy seed = cfg.seed), kept in text order."""
     from edgeloop.model.data import corpus_split, encode as encode_text, read_text
@@ -66,7 +65,7 @@ def _rtn(w: torch.Tensor, cfg: QuantConfig) -> tuple:
 
 
 def _replace_linear(model: Hyperloop, name: str, packed: tuple, cfg: QuantConfig) -> None:
-    mod = QuantLinear(*packed, cfg.group_size, cfg.sym)
+    mod = QuantLinear(*packed, cfg.group_size, cfg.sym, bias=model.get_submodule(name).bias)
     if cfg.algorithm == "gptq":
         mod.cache(True)  # calibration calls it many times; dropped at the end
     set_module(model, name, mod)
@@ -76,23 +75,16 @@ def _label(group: list[str]) -> str:
     return group[0].rsplit(".", 1)[0] if len(group) > 1 else group[0]
 
 
-def quantize_hc_params(model: Hyperloop, cfg: QuantConfig) -> list[str]:
-    """RTN the hc matrices [r, K, N] (per loop as W_l = w[l]^T [N, K]) and loop_embed [r, d]; the packed
-    tensors go to model.int4_params, the dequantized values into the parameters."""
-    done = []
-    for name in (*HC_MATRICES, "loop_embed"):
-        try:
-            p = model.get_parameter(name)
-        except AttributeError:
-            continue
-        w = p.detach().float()
-        w = w.transpose(-1, -2) if name in HC_MATRICES else w
-        packed = rtn(w, cfg.group_size, cfg.sym, cfg.scale_dtype)
-        deq = dequantize(*packed, cfg.group_size, cfg.sym)
-        p.data.copy_(deq.transpose(-1, -2) if name in HC_MATRICES else deq)
+def quantize_hc_params(model: Hyperloop, cfg: QuantConfig, names: list[str]) -> list[str]:
+    """RTN the per-loop hc matrices [r, K, N] (as rows W_l = w[l]^T [N, K]) and loop_embed [r, d] named in
+    `names`; the packed tensors go to model.int4_params, the dequantized values into the parameters."""
+    table = roles(model.cfg)
+    for name in names:
+        p = model.get_parameter(name)
+        packed = rtn(as_rows(p.detach().float(), table[name]), cfg.group_size, cfg.sym, cfg.scale_dtype)
+        p.data.copy_(as_rows(dequantize(*packed, cfg.group_size, cfg.sym), table[name]))
         model.int4_params[name] = packed
-        done.append(name)
-    return done
+    return names
 
 
 def _run_calibration(model: Hyperloop, calib_ids: torch.Tensor) -> None:
@@ -120,7 +112,7 @@ def _hooked(module: torch.nn.Module, fn: Callable, calls: int):
 
 @torch.no_grad()
 def _capture_inputs(model: Hyperloop, block: str, calls: int, calib_ids: torch.Tensor) -> list[tuple]:
-    """Every call's arguments (x, cos, sin, mask, past) of a Block over the calibration set: `calls` per batch
+    """Every call's arguments (x, rope, mask, past) of a Block over the calibration set: `calls` per batch
     (r for a middle block, one per loop; 1 otherwise). The block itself is not run."""
     store: list[tuple] = []
     handle = _hooked(model.get_submodule(block), lambda args: store.append(tuple(args)), calls)
@@ -184,33 +176,27 @@ def quantize_(model: Hyperloop, cfg: QuantConfig, calib_ids: torch.Tensor | np.n
         set_module(model, "embed", emb)
         layers.append({"name": "embed", "algorithm": "rtn", "bits": bits})
         step("embed", 1)
-    if cfg.quantize_hc:
-        done = quantize_hc_params(model, cfg)
-        if done:
-            step("hyper-connections", len(done))
-    targets = linear_targets(model)
-    if "lm_head.weight" in quant:
-        targets.append(("lm_head", "lm_head"))
-    r = model.cfg.num_loops
+    table = roles(model.cfg)
+    hc = [n for n in quant if table[n].role == "hc"]
+    if hc:
+        step("hyper-connections", len(quantize_hc_params(model, cfg, hc)))
     block, inputs = None, []
-    for group in sequential_groups(targets):
+    for group in linear_groups(table, set(quant)):
         if cfg.algorithm == "rtn":
             for name in group:
                 _replace_linear(model, name, _rtn(model.get_submodule(name).weight, cfg), cfg)
                 layers.append({"name": name, "algorithm": "rtn"})
             step(_label(group), len(group))
             continue
-        stage = group[0].split(".")[0]
-        calls = r if stage in ("middle", "inject") else 1
-        if stage in ("begin", "middle", "end"):  # inputs of the block, captured once per block
-            name = ".".join(group[0].split(".")[:2])
-            if name != block:
-                block, inputs = name, _capture_inputs(model, name, calls, calib_ids)
+        info = table[f"{group[0]}.weight"]  # calls: r for a middle-block or injection weight
+        if info.block is not None:  # inputs of the block, captured once per block
+            if info.block != block:
+                block, inputs = info.block, _capture_inputs(model, info.block, info.calls, calib_ids)
             bmod = model.get_submodule(block)
             h = _hessian(bmod, group[0][len(block) + 1:], 1, _block_runner(bmod, inputs))
         else:  # inject / lm_head: straight from the model
             block, inputs = None, []
-            h = _hessian(model, group[0], calls, lambda: _run_calibration(model, calib_ids))
+            h = _hessian(model, group[0], info.calls, lambda: _run_calibration(model, calib_ids))
         h.name = group[0]
         for name in group:
             w = model.get_submodule(name).weight

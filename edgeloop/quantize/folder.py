@@ -10,10 +10,8 @@ reads one input tensor at a time from a freshly opened memory map, so peak memor
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import struct
 import time
 from pathlib import Path
 from typing import Callable, Iterator
@@ -22,54 +20,17 @@ import torch
 
 from edgeloop.io import atomic_dir, check_output_dir, file_sha256, write_json
 from edgeloop.model.checkpoint import (FLOAT_DTYPES, TOKENIZER_FILES, CheckpointError, check_finite, check_keys,
-                                       expected_tensors, load_config, open_safetensors, read_config,
+                                       expected_tensors, load_config, load_model, open_safetensors, read_config,
                                        read_tensor)
 from edgeloop.model.config import HyperloopConfig
-from edgeloop.model.inspect import tensor_role
-from edgeloop.model.model import Hyperloop, rope_tables
-from edgeloop.quantize.config import (EMBEDDING_BITS, FORMAT, HC_MATRICES, QUANT_METHOD, QuantConfig, QuantizeError,
-                                      plan, prefix, quantization_config, tensor_bits)
+from edgeloop.model.model import Hyperloop, meta_model
+from edgeloop.quantize.config import (EMBEDDING_BITS, FORMAT, QUANT_METHOD, QuantConfig, QuantizeError, as_rows,
+                                      plan, prefix, quantization_config, roles, row_shape, tensor_bits)
 from edgeloop.quantize.modules import QuantEmbedding, QuantLinear, set_module
 from edgeloop.quantize.packing import SCALE_TORCH, dequantize, packed_shapes, rtn
+from edgeloop.tensors import write_safetensors
 
-ST_DTYPE = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
 KEEP_TORCH = {"float32": torch.float32, "float16": torch.float16}
-
-
-# ---- safetensors, streamed -------------------------------------------------------------------
-def write_safetensors(path: Path, header: dict[str, tuple[torch.dtype, tuple[int, ...]]],
-                      tensors: Iterator[tuple[str, torch.Tensor]]) -> None:
-    """Write a safetensors file whose tensors arrive one at a time (in any order) from `tensors`.
-    Data is laid out by (wider dtype first, name), as safetensors.torch.save_file does."""
-    order = sorted(header, key=lambda n: (-header[n][0].itemsize, n))
-    offsets, pos = {}, 0
-    for n in order:
-        dt, shape = header[n]
-        size = dt.itemsize
-        for s in shape:
-            size *= s
-        offsets[n] = (pos, pos + size)
-        pos += size
-    meta = {"__metadata__": {"format": "pt"}}
-    meta.update({n: {"dtype": ST_DTYPE[header[n][0]], "shape": list(header[n][1]), "data_offsets": list(offsets[n])}
-                 for n in order})
-    hb = json.dumps(meta, separators=(",", ":")).encode("utf-8")
-    hb += b" " * (-len(hb) % 8)
-    base = 8 + len(hb)
-    written = set()
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(hb)) + hb)
-        f.truncate(base + pos)
-        for name, t in tensors:
-            dt, shape = header[name]
-            if t.dtype != dt or tuple(t.shape) != tuple(shape):
-                raise RuntimeError(f"internal: tensor '{name}' is {t.dtype} {tuple(t.shape)}, header says {dt} {shape}")
-            f.seek(base + offsets[name][0])
-            if t.numel():
-                f.write(t.contiguous().reshape(-1).view(torch.uint8).numpy())  # no extra copy
-            written.add(name)
-    if written != set(header):
-        raise RuntimeError(f"internal: {len(set(header) - written)} tensors were not written")
 
 
 def read_one(st: Path, name: str) -> torch.Tensor:
@@ -102,13 +63,13 @@ def inspect_input(in_dir: Path) -> tuple[HyperloopConfig, dict[str, tuple[torch.
     return cfg, have
 
 
-def output_header(inputs: dict[str, tuple[torch.dtype, tuple[int, ...]]], quant: set[str], q: QuantConfig
-                  ) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+def output_header(inputs: dict[str, tuple[torch.dtype, tuple[int, ...]]], quant: set[str], q: QuantConfig,
+                  cfg: HyperloopConfig) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """(dtype, shape) of every output tensor: packed tensors for `quant`, keep_dtype for the rest."""
-    out = {}
+    out, table = {}, roles(cfg)
     for name, (_, shape) in inputs.items():
         if name in quant:
-            wshape = (shape[0], shape[2], shape[1]) if name in HC_MATRICES else shape
+            wshape = row_shape(shape, table[name])
             bits = tensor_bits(name, q.embedding_bits)
             for part, s in packed_shapes(wshape, q.group_size, q.sym, bits).items():
                 out[f"{prefix(name)}.{part}"] = (SCALE_TORCH[q.scale_dtype] if part == "scales" else torch.uint8, s)
@@ -122,10 +83,9 @@ def _packed_items(name: str, packed: tuple) -> list[tuple[str, torch.Tensor]]:
     return [(f"{prefix(name)}.{p}", t) for p, t in parts]
 
 
-def rtn_tensor(name: str, w: torch.Tensor, q: QuantConfig) -> tuple:
-    """Packed RTN of one stored tensor (hc matrices [r, K, N] are quantized as w[l]^T)."""
-    w = w.float()
-    return rtn(w.transpose(-1, -2) if name in HC_MATRICES else w, q.group_size, q.sym, q.scale_dtype,
+def rtn_tensor(name: str, w: torch.Tensor, q: QuantConfig, cfg: HyperloopConfig) -> tuple:
+    """Packed RTN of one stored tensor, as rows [..., N, K] (hc matrices [r, K, N] as w[l]^T)."""
+    return rtn(as_rows(w.float(), roles(cfg)[name]), q.group_size, q.sym, q.scale_dtype,
                tensor_bits(name, q.embedding_bits))
 
 
@@ -230,14 +190,12 @@ def quantize_checkpoint(in_dir: str | os.PathLike, out_dir: str | os.PathLike, q
         from edgeloop.model.checkpoint import load_tokenizer
 
         calib_ids, calibration = calibration_ids(load_tokenizer(in_dir), qcfg, cfg.max_seq_len)
-    header = output_header(inputs, set(quant), qcfg)
+    header = output_header(inputs, set(quant), qcfg, cfg)
     keep_dt = KEEP_TORCH[qcfg.keep_dtype]
     bar, step = _progress(progress, len(quant))
     layers: list[dict] = []
     try:
         if qcfg.algorithm == "gptq":
-            from edgeloop.model.checkpoint import load_model
-
             model = load_model(in_dir)
             rep = quantize_(model, qcfg, calib_ids, progress=step, calibration=calibration)
             layers = rep["layers"]
@@ -253,7 +211,7 @@ def quantize_checkpoint(in_dir: str | os.PathLike, out_dir: str | os.PathLike, q
             def packed_of(name: str) -> tuple:
                 w = read_one(st, name)
                 check_finite(name, w)
-                out = rtn_tensor(name, w, qcfg)
+                out = rtn_tensor(name, w, qcfg, cfg)
                 step(prefix(name), 1)
                 return out
 
@@ -273,7 +231,7 @@ def quantize_checkpoint(in_dir: str | os.PathLike, out_dir: str | os.PathLike, q
     finally:
         if bar is not None:
             bar.stop()
-    return _report(in_dir, out_dir, qcfg, inputs, quant, kept, header, res, layers, time.time() - t0, before)
+    return _report(in_dir, out_dir, qcfg, cfg, inputs, quant, kept, header, res, layers, time.time() - t0, before)
 
 
 def _progress(progress, total: int):
@@ -291,14 +249,15 @@ def _progress(progress, total: int):
     return bar, (lambda desc, n: bar.update(task, advance=n, description=desc))
 
 
-def _report(in_dir, out_dir, q, inputs, quant, kept, header, res, layers, seconds, before) -> dict:
+def _report(in_dir, out_dir, q, cfg, inputs, quant, kept, header, res, layers, seconds, before) -> dict:
     def nbytes(dt, shape):
         n = dt.itemsize
         for s in shape:
             n *= s
         return n
 
-    lin = [n for n in quant if tensor_role(n) == "linear"]
+    table = roles(cfg)
+    lin = [n for n in quant if table[n].role == "linear"]
     lin_fp32 = sum(nbytes(torch.float32, inputs[n][1]) for n in lin)
     lin_after = sum(nbytes(*header[f"{prefix(n)}.{p}"]) for n in lin for p in ("qweight", "scales", "qzeros")
                     if f"{prefix(n)}.{p}" in header)
@@ -329,8 +288,7 @@ def load_quantized(path: str | os.PathLike) -> Hyperloop:
         raise CheckpointError(f"{path / 'config.json'}: quantization_config.embedding_bits = {emb_bits!r} (4 or 8)")
     cfg = load_config(path)
     st = path / "model.safetensors"
-    with torch.device("meta"):
-        model = Hyperloop(cfg)
+    model, table = meta_model(cfg), roles(cfg)
     model.int4_params = {}
     want = expected_tensors(cfg)
     state: dict[str, torch.Tensor] = {}
@@ -340,7 +298,7 @@ def load_quantized(path: str | os.PathLike) -> Hyperloop:
         for name, shape in want.items():
             p = prefix(name)
             if f"{p}.qweight" in keys:
-                wshape = (shape[0], shape[2], shape[1]) if name in HC_MATRICES else shape
+                wshape = row_shape(shape, table[name])
                 parts = {}
                 bits = tensor_bits(name, emb_bits)
                 for part, s in packed_shapes(wshape, G, sym, bits).items():
@@ -353,14 +311,14 @@ def load_quantized(path: str | os.PathLike) -> Hyperloop:
                     parts[part] = t
                     used.add(f"{p}.{part}")
                 packed = (parts["qweight"], parts["scales"], parts.get("qzeros"))
-                role = tensor_role(name)
-                if role in ("linear", "lm_head") and name.endswith(".weight"):
-                    set_module(model, p, QuantLinear(*packed, G, sym))
-                elif name == "embed.weight":
-                    set_module(model, "embed", QuantEmbedding(*packed, G, sym, bits))
+                role = table[name].role
+                if role in ("linear", "lm_head"):  # a bias placeholder, loaded with the kept tensors below
+                    bias = torch.empty(shape[0]) if f"{p}.bias" in want else None
+                    set_module(model, p, QuantLinear(*packed, G, sym, bias=bias))
+                elif role == "embedding":
+                    set_module(model, p, QuantEmbedding(*packed, G, sym, bits))
                 else:  # hc matrix / loop embedding: dequantized into the parameter
-                    deq = dequantize(*packed, G, sym)
-                    state[name] = deq.transpose(-1, -2).contiguous() if name in HC_MATRICES else deq
+                    state[name] = as_rows(dequantize(*packed, G, sym), table[name]).contiguous()
                     model.int4_params[name] = packed
             elif name in keys:
                 t = read_tensor(f, name, st)
@@ -379,6 +337,12 @@ def load_quantized(path: str | os.PathLike) -> Hyperloop:
                 if b.is_meta and not n.startswith("rope_")]
     if leftover:
         raise CheckpointError(f"{st}: tensor '{leftover[0]}' was not loaded")
-    model.rope_cos, model.rope_sin = rope_tables(cfg, cfg.max_seq_len)
+    model.init_buffers()
     model.quantization = {"config": qc, "calibration": qc.get("calibration")}
     return model.eval()
+
+
+def load_checkpoint(path: str | os.PathLike) -> Hyperloop:
+    """A float or a quantized checkpoint folder as an eval model (fp32 compute; quantized linears
+    dequantize on the fly: the INT4 reference)."""
+    return load_quantized(path) if "quantization_config" in read_config(path) else load_model(path)

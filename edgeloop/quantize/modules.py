@@ -13,10 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from edgeloop.model.model import Hyperloop
+from edgeloop.model.model import Tensor
+from edgeloop.quantize.config import prefix
 from edgeloop.quantize.packing import dequantize
-
-LINEAR_NAMES = ("attn.c_q", "attn.c_k", "attn.c_v", "attn.c_proj", "mlp.c_fc", "mlp.c_gate", "mlp.c_proj")
 
 
 class _Packed(nn.Module):
@@ -56,10 +55,15 @@ class _Packed(nn.Module):
 
 
 class QuantLinear(_Packed):
-    """A bias-free Linear whose weight is INT4 blocks, dequantized at every call."""
+    """A Linear whose weight is INT4 blocks, dequantized at every call; its bias (if any) stays float."""
+
+    def __init__(self, qweight, scales, qzeros, group_size: int, sym: bool, bits: int = 4,
+                 bias: torch.Tensor | None = None):
+        super().__init__(qweight, scales, qzeros, group_size, sym, bits)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized().to(x.dtype))
+        return F.linear(x, self.dequantized().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
 
 
 class QuantEmbedding(_Packed):
@@ -73,39 +77,11 @@ class QuantEmbedding(_Packed):
         return F.embedding(ids, self.dequantized())
 
 
-def linear_targets(model: Hyperloop) -> list[tuple[str, str]]:
-    """(stage, module name) of every Linear to quantize, in forward order: begin, inject, middle, end.
-    Within a block: attn q/k/v, attn out, mlp up (fc, gate), mlp down."""
-    out: list[tuple[str, str]] = []
-    names = {n for n, _ in model.named_modules()}
-
-    def block(stage: str, i: int) -> None:
-        for ln in LINEAR_NAMES:
-            name = f"{stage}.{i}.{ln}"
-            if name in names:
-                out.append((stage, name))
-
-    for i in range(len(model.begin)):
-        block("begin", i)
-    if model.inject is not None:
-        out.append(("inject", "inject"))
-    for i in range(len(model.middle)):
-        block("middle", i)
-    for i in range(len(model.end)):
-        block("end", i)
-    return out
-
-
-SHARED_INPUT = {"c_q": "qkv", "c_k": "qkv", "c_v": "qkv", "c_fc": "up", "c_gate": "up"}
-
-
-def sequential_groups(targets: list[tuple[str, str]]) -> list[list[str]]:
-    """Linears that read the same input (q/k/v; fc/gate) form one group, quantized together."""
-    def key(name: str) -> str:
-        parent, _, leaf = name.rpartition(".")
-        return f"{parent}:{SHARED_INPUT.get(leaf, leaf)}"
-
-    return [list(g) for _, g in itertools.groupby((n for _, n in targets), key=key)]
+def linear_groups(table: dict[str, Tensor], names: set[str]) -> list[list[str]]:
+    """The linears among the tensor names `names` as module names, in forward order (the model's table),
+    grouped: linears that read the same input (q/k/v; up/gate) form one group, quantized together."""
+    order = [n for n in table if n in names and table[n].role in ("linear", "lm_head")]
+    return [[prefix(n) for n in grp] for _, grp in itertools.groupby(order, key=lambda n: table[n].group or n)]
 
 
 def set_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -54,8 +54,12 @@ def float_source(quantized: Path) -> Path | None:
 
 def resolve_reference(export_dir: Path, reference: str | os.PathLike | None) -> Path:
     """The fp32 reference checkpoint folder for an export (see the module docstring)."""
+    from edgeloop.importers import detect
+
     if reference is not None:
         ref = Path(reference)
+        if detect(ref) is not None:  # a foreign checkpoint folder: imported when it is loaded
+            return ref
         if (ref / "model.onnx").is_file():
             raise RuntimeInputError(f"--reference {ref}: is an export folder; pass the float PyTorch checkpoint")
         cfg = _config(ref)
@@ -65,6 +69,8 @@ def resolve_reference(export_dir: Path, reference: str | os.PathLike | None) -> 
             raise RuntimeInputError(f"--reference {ref}: is quantized; the reference is the float checkpoint")
         return ref
     source = Path(str(read_manifest(export_dir).get("source") or ""))
+    if str(source) and detect(source) is not None:
+        return source
     cfg = _config(source) if str(source) else None
     if cfg is not None and not cfg.get("quantization_config") and (source / "model.safetensors").is_file():
         return source
@@ -74,6 +80,21 @@ def resolve_reference(export_dir: Path, reference: str | os.PathLike | None) -> 
             return found
     raise RuntimeInputError(f"{export_dir}: its float source checkpoint is not recorded or not found "
                             f"(source: {source or '?'}); pass --reference FP_DIR")
+
+
+def reference_model(ref_dir: Path):
+    """The float PyTorch model of a reference folder (a foreign format is imported into a temporary folder)."""
+    import tempfile
+
+    from edgeloop.importers import detect, import_folder
+    from edgeloop.model.checkpoint import load_model
+
+    imp = detect(ref_dir)
+    if imp is None:
+        return load_model(ref_dir)
+    with tempfile.TemporaryDirectory(prefix="edgeloop-reference-") as tmp:
+        import_folder(ref_dir, Path(tmp) / "ref", imp.name)
+        return load_model(Path(tmp) / "ref")  # the safetensors file is read into memory: safe to delete
 
 
 def evaluation_ids(export_dir: Path, text_file: str | os.PathLike | None, tokens: int | None) -> np.ndarray:
@@ -97,7 +118,6 @@ def evaluate_drift(export_dir: str | os.PathLike, reference: str | os.PathLike |
     """Perplexity of the export on `ep` and of the fp32 PyTorch reference on the same ids and windows."""
     import torch
 
-    from edgeloop.model.checkpoint import load_model
     from edgeloop.model.evaluate import perplexity as torch_perplexity
     from edgeloop.runtime.runtime import Runtime
 
@@ -106,7 +126,7 @@ def evaluate_drift(export_dir: str | os.PathLike, reference: str | os.PathLike |
     rt = Runtime(export_dir, ep=ep, threads=threads, num_loops=num_loops)
     ids = evaluation_ids(export_dir, text, tokens)
     step = progress or (lambda what, done, total: None)
-    model = load_model(ref_dir)
+    model = reference_model(ref_dir)
     if model.cfg.vocab_size != rt.vocab_size:
         raise RuntimeInputError(f"--reference {ref_dir}: vocabulary {model.cfg.vocab_size} != the export's "
                                 f"{rt.vocab_size}")

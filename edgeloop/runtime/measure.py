@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeloop.kv import Layout
 from edgeloop.runtime.session import RuntimeInputError, read_manifest
 
 GPU_EPS = ("cuda", "webgpu", "coreml", "nnapi", "qnn", "dml")
@@ -36,11 +37,8 @@ def file_bytes(folder: Path, model_file: str = "model.onnx") -> dict[str, Any]:
 
 
 def kv_bytes_per_token(manifest: dict, num_loops: int | None = None) -> int:
-    """fp32 keys + values one token adds to the cache of one sequence, over the layers that run."""
-    c = manifest["config"]
-    L = manifest["num_loops"] if num_loops is None else num_loops
-    layers = c["n_begin"] + L * c["n_middle"] + c["n_end"]
-    return 2 * layers * c["n_kv_heads"] * (c["d_model"] // c["n_heads"]) * 4
+    """Keys + values one token adds to the cache of one sequence, over the layers that run (edgeloop.kv)."""
+    return Layout.of_manifest(manifest).bytes_per_token(num_loops)
 
 
 def _rss() -> int:

@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from edgeloop.textstream import TextStream
+
 
 def _progress(console: Console, enabled: bool) -> Progress:
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
@@ -22,7 +24,6 @@ def stream_generate(out: Console, folder: Path, prompt: str, max_new_tokens: int
                     threads: int) -> None:
     """Continue `prompt` with the runtime, printing text as the tokens arrive."""
     from edgeloop.runtime import Runtime
-
     from edgeloop.runtime.session import ContextLengthError
 
     rt = Runtime(folder, ep=ep, threads=threads, num_loops=num_loops)
@@ -31,20 +32,10 @@ def stream_generate(out: Console, folder: Path, prompt: str, max_new_tokens: int
         raise ValueError("--prompt is empty")
     if n > rt.ctx:
         raise ContextLengthError(f"the prompt has {n} tokens; the model's context is {rt.ctx}")
-    tok = rt._tok()
-    new: list[int] = []
-    shown = [""]
-
-    def on_token(row: int, t: int) -> None:
-        new.append(t)
-        text = tok.decode(new)
-        if not text.endswith("\ufffd"):  # wait for a whole UTF-8 character
-            out.print(text[len(shown[0]):], end="", highlight=False, soft_wrap=True)
-            shown[0] = text
-
+    text = TextStream(rt._tok(), lambda s: out.print(s, end="", highlight=False, soft_wrap=True))
     out.print(prompt, end="", highlight=False)
     rt.generate(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop=None, seed=seed,
-                on_token=on_token)
+                on_token=lambda row, t: text.push(t))
     out.print()
 
 

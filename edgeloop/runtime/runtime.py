@@ -21,6 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from edgeloop.kv import Layout, next_past
 from edgeloop.runtime.sampling import check_sampling, choose, encode, nll_sum, windows
 from edgeloop.runtime.session import (
     ContextLengthError, RuntimeInputError, check_convention, make_session, placement_from_profile,
@@ -47,11 +48,12 @@ class Runtime:
         self.folder = Path(folder)
         self.manifest = read_manifest(self.folder)
         c = self.manifest["config"]
-        self.n_layers: int = int(self.manifest["effective_layers"])
+        self.kv = Layout.of_manifest(self.manifest)  # the KV-cache convention (edgeloop.kv)
+        self.n_layers: int = self.kv.layers
         self.r: int = int(self.manifest["num_loops"])
         self.ctx: int = int(self.manifest["max_seq_len"])
-        self.kv_heads, self.head_dim = int(c["n_kv_heads"]), int(c["d_model"]) // int(c["n_heads"])
-        self.n_begin, self.n_middle, self.n_end = int(c["n_begin"]), int(c["n_middle"]), int(c["n_end"])
+        self.kv_heads, self.head_dim = self.kv.kv_heads, self.kv.head_dim
+        self.n_begin, self.n_middle, self.n_end = self.kv.n_begin, self.kv.n_middle, self.kv.n_end
         self.vocab_size = int(c["vocab_size"])
         self.ep, self.threads, self.mmap, self.prepack = ep, threads, mmap, prepack
         if model_file not in ("model.onnx", "model.ort"):
@@ -69,7 +71,7 @@ class Runtime:
             so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level",
                                         str(self.manifest["accuracy_level"]))
         self.session = make_session(self.folder, self.providers, so, mmap, model_file)
-        self.has_num_loops = check_convention(self.session, self.n_layers, self.kv_heads, self.head_dim)
+        self.has_num_loops = check_convention(self.session, self.kv)
         self.out_names = [o.name for o in self.session.get_outputs()]
         self.num_loops = self._loops(num_loops)
         self.tokenizer = None
@@ -94,15 +96,12 @@ class Runtime:
         return int(num_loops)
 
     def kv_bytes_per_token(self, num_loops: int | None = None) -> int:
-        """KV-cache bytes one token adds per sequence (fp32 keys + values of every layer that runs)."""
-        L = self._loops(num_loops)
-        layers = self.n_begin + L * self.n_middle + self.n_end
-        return 2 * layers * self.kv_heads * self.head_dim * 4
+        """KV-cache bytes one token adds per sequence (keys + values of every layer that runs)."""
+        return self.kv.bytes_per_token(self._loops(num_loops))
 
     # ---- one forward through the graph -------------------------------------------------------
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
-        z = np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
-        return {f"past_key_values.{i}.{k}": z for i in range(self.n_layers) for k in ("key", "value")}
+        return self.kv.empty_past(batch)
 
     def forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: dict[str, np.ndarray],
                 num_loops: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
@@ -111,9 +110,7 @@ class Runtime:
         if self.has_num_loops:
             feeds["num_loops"] = np.array(num_loops, np.int64)
         outs = self.session.run(self.out_names, feeds)
-        nxt = {n.replace("present.", "past_key_values.", 1): o for n, o in zip(self.out_names, outs)
-               if n.startswith("present.")}
-        return outs[self.out_names.index("logits")], nxt
+        return outs[self.out_names.index("logits")], next_past(self.out_names, outs)
 
     # ---- generation ----------------------------------------------------------------------------
     def encode(self, text: str) -> np.ndarray:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from edgeloop.kv import Layout
 from edgeloop.runtime.plugins import PLUGINS, PluginUnavailable, is_registered, plugin_device, session_failure
 
 # the short names edgeloop accepts -> onnxruntime's provider names
@@ -147,34 +147,13 @@ def make_session(folder: Path, providers: list[str], so, mmap: bool = True, mode
     return sess
 
 
-def check_convention(sess, n_layers: int, kv_heads: int, head_dim: int) -> bool:
-    """Raise ConventionError unless the session's inputs/outputs are edgeloop's; returns whether the
-    model takes `num_loops` (an overridable initializer; absent in unrolled exports)."""
-    kv = [f"past_key_values.{i}.{k}" for i in range(n_layers) for k in ("key", "value")]
-    want_in = {"input_ids": "tensor(int64)", "attention_mask": "tensor(int64)", "position_ids": "tensor(int64)",
-               **{n: "tensor(float)" for n in kv}}
-    have_in = {i.name: i for i in sess.get_inputs()}
-    want_out = {"logits", *(n.replace("past_key_values.", "present.", 1) for n in kv)}
-    have_out = {o.name for o in sess.get_outputs()}
-    where = "model.onnx does not follow the edgeloop KV convention"
-    for name, typ in want_in.items():
-        if name not in have_in:
-            raise ConventionError(f"{where}: input '{name}' is missing ({len(have_in)} inputs, "
-                                  f"{n_layers} effective layers expected)")
-        if have_in[name].type != typ:
-            raise ConventionError(f"{where}: input '{name}' is {have_in[name].type}, expected {typ}")
-        shape = have_in[name].shape
-        if name.startswith("past_") and (len(shape) != 4 or any(isinstance(d, int) and d != w for d, w in
-                                                                 zip(shape, (None, kv_heads, None, head_dim))
-                                                                 if w is not None)):
-            raise ConventionError(f"{where}: input '{name}' has shape {shape}, expected "
-                                  f"[batch, {kv_heads}, past, {head_dim}]")
-    extra = sorted(set(have_in) - set(want_in) - {"num_loops"})
-    if extra:
-        raise ConventionError(f"{where}: unexpected input '{extra[0]}'")
-    lost = sorted(want_out - have_out, key=lambda n: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", n)])
-    if lost:
-        raise ConventionError(f"{where}: output '{lost[0]}' is missing")
+def check_convention(sess, kv: Layout) -> bool:
+    """Raise ConventionError unless the session's inputs/outputs follow the KV convention of `kv`
+    (edgeloop.kv); returns whether the model takes `num_loops` (an overridable initializer; absent in
+    unrolled exports)."""
+    problem = kv.problem([(i.name, i.type, i.shape) for i in sess.get_inputs()], [o.name for o in sess.get_outputs()])
+    if problem:
+        raise ConventionError(f"model.onnx does not follow the edgeloop KV convention: {problem}")
     loops = {i.name for i in [*sess.get_inputs(), *sess.get_overridable_initializers()]}
     return "num_loops" in loops
 

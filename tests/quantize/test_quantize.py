@@ -11,16 +11,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from edgeloop.model.checkpoint import load_model, save_checkpoint
+from edgeloop.model.checkpoint import save_checkpoint
 from edgeloop.model.data import train_tokenizer
 from edgeloop.model.evaluate import perplexity
-from edgeloop.quantize import (GPTQ, QuantConfig, QuantEmbedding, QuantLinear, dequantize, pack, quantize_,
-                               quantize_checkpoint, rtn, save_quantized, unpack)
+from edgeloop.quantize import (GPTQ, GPTQConfig, QuantConfig, QuantEmbedding, QuantizeError, QuantLinear, RTNConfig,
+                               dequantize, load_checkpoint, pack, quant_config, quantize_, quantize_checkpoint, rtn,
+                               save_quantized, unpack)
 from tests.conftest import VARIANTS, perturbed, run_cli
 
 TEXT = ("In the beginning God created the heaven and the earth. And the earth was without form, and void; "
         "and darkness was upon the face of the deep.\n") * 300
-GPTQ_SMALL = dict(algorithm="gptq", group_size=32, calib_samples=12, calib_seq_len=48)
+GPTQ_SMALL = dict(group_size=32, calib_samples=12, calib_seq_len=48)
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +39,11 @@ def work(tmp_path_factory, tok):
     return d
 
 
-def qcfg(work, **kw) -> QuantConfig:
-    base = dict(group_size=32, calib_text=str(work / "calib.txt"))
-    base.update(kw)
-    if base.get("algorithm") == "gptq":
-        base = {**GPTQ_SMALL, **base}
-    return QuantConfig(**base)
+def qcfg(work, algorithm: str = "rtn", **kw) -> QuantConfig:
+    base = dict(group_size=32, **kw)
+    if algorithm == "gptq":  # calibration settings exist only for gptq
+        base = {**GPTQ_SMALL, "calib_text": str(work / "calib.txt"), **base}
+    return quant_config(algorithm, **base)
 
 
 # ---- packing and the RTN bound ----------------------------------------------------------------
@@ -125,7 +125,7 @@ def test_gptq_is_loop_aware_and_lowers_every_layer_error(name):
     m = perturbed(name)
     S, T, r = 6, 32, m.cfg.num_loops
     ids = torch.randint(0, m.cfg.vocab_size, (S, T), generator=torch.Generator().manual_seed(0))
-    rep = quantize_(m, QuantConfig(algorithm="gptq", group_size=32), ids)
+    rep = quantize_(m, GPTQConfig(group_size=32), ids)
     layers = {x["name"]: x for x in rep["layers"]}
     assert len(layers) == len(rep["quantized"])
     assert layers.pop("embed") == {"name": "embed", "algorithm": "rtn", "bits": 8}  # the default INT8 embedding
@@ -172,14 +172,14 @@ def test_kept_tensors_byte_identical_and_format(work, tmp_path, src, keep):
 
 def test_reload_matches_in_memory_reference_and_perplexity(work, tmp_path):
     ids = torch.randint(0, 300, (1, 40), generator=torch.Generator().manual_seed(3))
-    fp = load_model(work / "ck32")
+    fp = load_checkpoint(work / "ck32")
     for algo in ("rtn", "gptq"):
         q = qcfg(work, algorithm=algo)
         quantize_checkpoint(work / "ck32", tmp_path / algo, q, progress=False)
-        back = load_model(tmp_path / algo)
+        back = load_checkpoint(tmp_path / algo)
         assert isinstance(back.middle[0].attn.c_q, QuantLinear) and not back.training
         if algo == "rtn":  # the in-memory INT4 reference gives the same logits
-            mem = load_model(work / "ck32")
+            mem = load_checkpoint(work / "ck32")
             quantize_(mem, q)
             assert torch.equal(mem(ids), back(ids))
             save_quantized(mem, tmp_path / "mem", q, tokenizer_dir=work / "ck32")
@@ -194,10 +194,10 @@ def test_reload_matches_in_memory_reference_and_perplexity(work, tmp_path):
 def test_every_variant_with_embedding_lm_head_and_hc(tmp_path, tok, name):
     m = perturbed(name)
     save_checkpoint(m, tmp_path / "ck", tokenizer=tok)
-    q = QuantConfig(group_size=16, sym=True, scale_dtype="float32", quantize_embedding=True, embedding_bits=4,
-                    quantize_lm_head=True, quantize_hc=True)
+    q = RTNConfig(group_size=16, sym=True, scale_dtype="float32", quantize_embedding=True, embedding_bits=4,
+                  quantize_lm_head=True, quantize_hc=True)
     rep = quantize_checkpoint(tmp_path / "ck", tmp_path / "q", q, progress=False)
-    back = load_model(tmp_path / "q")
+    back = load_checkpoint(tmp_path / "q")
     assert isinstance(back.embed, QuantEmbedding)
     assert "embed.weight" in rep["quantized"]
     if not m.cfg.tie_embeddings:
@@ -269,8 +269,8 @@ def test_bad_input_one_line_exit_2_no_output(work, tmp_path, monkeypatch, capsys
     if case == "exists":
         out.mkdir()
         (out / "keep.txt").write_text("mine")
-    code, _, err = run_cli(monkeypatch, capsys, "quantize", ck, "-o", out, "--group-size", "32",
-                           "--calib-text", work / "calib.txt", *args)
+    calib = ["--calib-text", work / "calib.txt"] if "gptq" in args else []  # calibration: gptq's settings only
+    code, _, err = run_cli(monkeypatch, capsys, "quantize", ck, "-o", out, "--group-size", "32", *calib, *args)
     assert code == 2, err
     assert msg in err and len(err.strip().splitlines()) == 1, err
     if case == "exists":
@@ -292,8 +292,18 @@ def test_demo_model_int4_perplexity_close_to_fp32(demo_dir, tmp_path):
     from edgeloop.model.checkpoint import load_tokenizer
     from edgeloop.model.data import corpus_split, encode
 
-    rep = quantize_checkpoint(demo_dir, tmp_path / "q", QuantConfig(), progress=False)  # RTN, G=128 defaults
+    rep = quantize_checkpoint(demo_dir, tmp_path / "q", RTNConfig(), progress=False)  # RTN, G=128 defaults
     assert rep["linear_ratio_vs_fp32"] <= 0.16
     ids = encode(load_tokenizer(demo_dir), corpus_split("validation"))[:4096]
-    p_fp, p_q = perplexity(load_model(demo_dir), ids)[0], perplexity(load_model(tmp_path / "q"), ids)[0]
+    p_fp, p_q = perplexity(load_checkpoint(demo_dir), ids)[0], perplexity(load_checkpoint(tmp_path / "q"), ids)[0]
     assert p_fp < p_q < 1.10 * p_fp, (p_fp, p_q)
+
+
+def test_calibration_settings_are_gptq_only(work, tmp_path, monkeypatch, capsys):
+    with pytest.raises(QuantizeError, match="calib_samples: not a setting of rtn"):
+        quant_config("rtn", calib_samples=4)
+    assert RTNConfig().to_dict()["calib_samples"] is None and GPTQConfig().to_dict()["calib_samples"] == 128
+    code, out, err = run_cli(monkeypatch, capsys, "quantize", work / "ck16", "-o", tmp_path / "q", "--group-size",
+                             "32", "--calib-samples", "4", "--json")  # the CLI keeps the flag: ignored, said so
+    assert code == 0 and "--calib-samples: calibration settings, ignored by --method rtn" in err
+    assert json.loads(out)["settings"]["calib_samples"] is None

@@ -1,5 +1,5 @@
 """Runtime fixtures: a tiny perturbed model exported (Loop and unrolled), and the demo model exported fp32
-and INT4 (module-independent, built once per session in a tmp dir)."""
+(module-independent, built once per session in a tmp dir; the INT4 one is tests/conftest.py's demo_int4)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -35,14 +35,3 @@ def demo_fp32(tmp_path_factory, demo_dir) -> Path:
     out = tmp_path_factory.mktemp("demo") / "fp32"
     export_checkpoint(demo_dir, out, ExportConfig())
     return out
-
-
-@pytest.fixture(scope="session")
-def demo_int4(tmp_path_factory, demo_dir) -> Path:
-    """The demo model quantized INT4 (RTN, G=128, the quantize stage's defaults) and exported MatMulNBits."""
-    from edgeloop.quantize import QuantConfig, quantize_checkpoint
-
-    root = tmp_path_factory.mktemp("demo-int4")
-    quantize_checkpoint(demo_dir, root / "ck", QuantConfig(), progress=False)
-    export_checkpoint(root / "ck", root / "int4", ExportConfig())
-    return root / "int4"

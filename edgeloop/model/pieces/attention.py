@@ -1,0 +1,92 @@
+"""Causal self-attention with rotary positions, grouped-query KV heads, optional q/k biases (added
+before rotary, as nn.Linear biases) and optional QK-norm (RMSNorm without weight, after rotary).
+
+    q, k, v = c_q x, c_k x, c_v x            heads: [B, H, T, hd], [B, KV, T, hd]
+    q, k = rotary(q), rotary(k);  (q, k = rms(q), rms(k))
+    k, v = [past; k], [past; v]               (the KV cache)
+    y = c_proj(softmax(q k^T / sqrt(hd) + causal mask) v)
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from edgeloop.model.pieces import Linear, build
+from edgeloop.model.pieces.norm import emit_rms_norm, rms_norm
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.qk_norm, self.eps = cfg.qk_norm, cfg.norm_eps
+        hd, d = cfg.head_dim, cfg.d_model
+        self.c_q = nn.Linear(d, cfg.n_heads * hd, bias=cfg.qk_bias)
+        self.c_k = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.qk_bias)
+        self.c_v = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
+        self.c_proj = nn.Linear(cfg.n_heads * hd, d, bias=False)
+        self.rotary = build("rotary", cfg.rotary, cfg)
+
+    def linears(self) -> list[Linear]:
+        return [Linear("c_q", "qkv"), Linear("c_k", "qkv"), Linear("c_v", "qkv"), Linear("c_proj", "out")]
+
+    def forward(self, x, rope, mask, past):
+        """x [B, T, d]; rope (cos, sin) [B, 1, T, hd/2]; mask "causal" | "none" | bool [B, 1, T, P+T];
+        past (k, v) or None. Returns (y, present (k, v))."""
+        (B, T, _), hd = x.shape, self.head_dim
+        cos, sin = rope
+        q = self.c_q(x).view(B, T, self.n_heads, hd).transpose(1, 2)
+        k = self.c_k(x).view(B, T, self.n_kv_heads, hd).transpose(1, 2)
+        v = self.c_v(x).view(B, T, self.n_kv_heads, hd).transpose(1, 2)
+        q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
+        if self.qk_norm:
+            q, k = rms_norm(q, self.eps), rms_norm(k, self.eps)
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        present = (k, v)
+        rep = self.n_heads // self.n_kv_heads
+        kk, vv = (k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)) if rep > 1 else (k, v)
+        if isinstance(mask, str):  # "causal" (no past) or "none" (one query over all of the past)
+            y = F.scaled_dot_product_attention(q, kk, vv, is_causal=mask == "causal")
+        else:
+            y = F.scaled_dot_product_attention(q, kk, vv, attn_mask=mask)
+        return self.c_proj(y.transpose(1, 2).reshape(B, T, -1)), present
+
+    def emit(self, g, w, x, ctx, past):
+        """The same over [past; x] with queries grouped by KV head (no head-repeated copy of the cache).
+        `past` is this layer's (k, v): returns (y, present k, present v), present = [past; new]. Or `past`
+        is a function (g, attend) -> attend(g, past_k, past_v) that picks the past inside a subgraph (the
+        Loop body): returns (y, new k, new v), the Loop concatenating after. ctx: cos, sin [B, 1, S, hd/2],
+        bias [B, 1 or rep, S, T] (0 / -inf)."""
+        H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
+
+        def heads(t, n):  # [B, S, n*hd] -> [B, n, S, hd]
+            return g.Transpose(g.Reshape(t, g.const([0, 0, n, hd])), perm=[0, 2, 1, 3])
+
+        q = self.rotary.emit(g, heads(w.linear(g, x, self.c_q), H), ctx["cos"], ctx["sin"])
+        k = self.rotary.emit(g, heads(w.linear(g, x, self.c_k), KV), ctx["cos"], ctx["sin"])
+        v = heads(w.linear(g, x, self.c_v), KV)
+        if self.qk_norm:
+            q, k = emit_rms_norm(g, q, self.eps), emit_rms_norm(g, k, self.eps)
+        qg = g.Reshape(q, g.const([0, KV, -1, hd]))  # [B, KV, rep*S, hd]: query head h reads KV head h // rep
+
+        def scores_of(b, keys):  # qg keys^T
+            return b.MatMul(qg, b.Transpose(keys, perm=[0, 1, 3, 2]))
+
+        def softmax_v(b, scores, values):  # softmax(scores / sqrt(hd) + bias) values
+            probs = b.Softmax(b.Add(b.Mul(scores, b.const(1 / math.sqrt(hd), np.float32)), ctx["bias"]), axis=-1)
+            return b.MatMul(probs, values)
+
+        if callable(past):  # keys of the past read in place; values concatenated (a K=0 MatMul breaks WebGPU)
+            y = past(g, lambda b, pk, pv: softmax_v(b, b.Concat(scores_of(b, pk), scores_of(b, k), axis=-1),
+                                                    b.Concat(pv, v, axis=2)))
+        else:
+            k, v = g.Concat(past[0], k, axis=2), g.Concat(past[1], v, axis=2)
+            y = softmax_v(g, scores_of(g, k), v)
+        y = g.Reshape(g.Transpose(g.Reshape(y, g.const([0, H, -1, hd])), perm=[0, 2, 1, 3]),
+                      g.const([0, 0, H * hd]))
+        return w.linear(g, y, self.c_proj), k, v

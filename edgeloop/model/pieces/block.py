@@ -1,0 +1,34 @@
+"""Transformer block kinds (config field `block`), in PyTorch and as ONNX nodes.
+
+Every block: forward(x, rope, mask, past) -> (x, present (k, v));
+             emit(g, w, x, ctx, past)     -> (x, k, v) as Attention.emit returns them.
+"""
+from __future__ import annotations
+
+import torch.nn as nn
+
+from edgeloop.model.pieces import build, register
+from edgeloop.model.pieces.attention import Attention
+from edgeloop.model.pieces.norm import RMSNorm
+
+
+@register("block", "prenorm")
+class PreNorm(nn.Module):
+    """x = x + attn(norm1 x);  x = x + mlp(norm2 x)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attn = Attention(cfg)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = build("mlp", cfg.mlp, cfg)
+
+    def forward(self, x, rope, mask, past):
+        a, present = self.attn(self.norm1(x), rope, mask, past)
+        x = x + a
+        return x + self.mlp(self.norm2(x)), present
+
+    def emit(self, g, w, x, ctx, past):
+        a, k, v = self.attn.emit(g, w, self.norm1.emit(g, w, x), ctx, past)
+        x = g.Add(x, a)
+        return g.Add(x, self.mlp.emit(g, w, self.norm2.emit(g, w, x))), k, v
