@@ -125,28 +125,32 @@ def generate(
     ep: str = typer.Option("cpu", help="export folders: execution provider (cpu, webgpu, cuda, coreml, nnapi, "
                                        "qnn, dml)"),
     threads: int = typer.Option(0, help="export folders: intra-op threads (0 = default)"),
+    chat: bool = typer.Option(False, "--chat", help="the prompt is a user message: apply the folder's chat "
+                              "template (tokenizer_config.json)"),
 ):
-    """Continue a prompt, streaming text to the terminal."""
+    """Continue a prompt, streaming text to the terminal (stopping at the folder's eos tokens)."""
     if (model_dir / "model.onnx").is_file():  # an export folder: the onnxruntime runtime
         from edgeloop.runtime.report import stream_generate
 
         stream_generate(out, model_dir, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                        seed, num_loops, ep, threads)
+                        seed, num_loops, ep, threads, chat)
         return
-    from edgeloop.model.checkpoint import load_tokenizer
+    from edgeloop.chat import prompt_ids
+    from edgeloop.model.checkpoint import generation_tokens, load_tokenizer
     from edgeloop.model.evaluate import generate as gen
     from edgeloop.quantize import load_checkpoint
     from edgeloop.textstream import TextStream
 
     model, tok = load_checkpoint(model_dir), load_tokenizer(model_dir)
-    ids = tok.encode(prompt, add_special_tokens=False).ids
-    if not ids:
+    ids = prompt_ids(tok, model_dir, prompt, chat)
+    if not prompt or not ids:
         raise ValueError("--prompt is empty")
     if len(ids) >= model.cfg.max_seq_len:
         raise ValueError(f"the prompt has {len(ids)} tokens; the context is {model.cfg.max_seq_len}")
-    out.print(prompt, end="", highlight=False)
+    out.print(tok.decode(ids) if chat else prompt, end="", highlight=False)
     text = TextStream(tok, lambda s: out.print(s, end="", highlight=False, soft_wrap=True))
-    for t in gen(model, ids, max_new_tokens, temperature, top_k, seed, num_loops):
+    stop = set(generation_tokens(model_dir)["eos_token_id"])
+    for t in gen(model, ids, max_new_tokens, temperature, top_k, seed, num_loops, stop=stop):
         text.push(t)
     out.print()
 
@@ -167,6 +171,13 @@ def export_cmd(
     verify: bool = typer.Option(True, help="parity check vs PyTorch (--no-verify only for huge models)"),
     ort: bool = typer.Option(False, "--ort", help="also write model.ort and required_operators.config "
                              "(onnxruntime mobile / minimal builds)"),
+    kv_policy: Optional[str] = typer.Option(None, help="KV cache across loops: per-step (a slot per loop) or shared "
+                                            "(one slot per middle layer); default: the model's"),
+    max_loops: Optional[int] = typer.Option(None, help="the most loops num_loops may ask for (models without "
+                                            "per-loop parameters; default: the model's)"),
+    init_state: str = typer.Option("zeros", help="the loop state's start: zeros, or random (the injection's "
+                                   "random start, e.g. Huginn's; an init_scale input, 0 = zeros)"),
+    seed: int = typer.Option(0, help="--init-state random: the generator's seed"),
     overwrite: bool = typer.Option(False),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
@@ -177,7 +188,8 @@ def export_cmd(
     if not verify:
         err.print("[bold yellow]warning:[/] --no-verify: the export is NOT parity-checked against PyTorch")
     ec = ExportConfig(format=format, accuracy_level=accuracy_level, unroll=unroll, max_seq_len=max_seq_len,
-                      opset=opset, verify=verify, external_data=external_data, ort=ort)
+                      opset=opset, verify=verify, external_data=external_data, ort=ort, kv_policy=kv_policy,
+                      max_loops=max_loops, init_state=init_state, seed=seed)
     with err.status("exporting") as status, temporary_checkpoint(in_dir, out_dir, overwrite) as src:
         s = export_checkpoint(src, out_dir, ec, overwrite=overwrite, source=in_dir,
                               progress=lambda msg: status.update(f"export: {msg}"))
@@ -226,6 +238,8 @@ def quantize(
     act_order: Optional[bool] = typer.Option(None, "--act-order", help="gptq: quantize columns by decreasing "
                                              "Hessian diagonal"),
     seed: Optional[int] = typer.Option(None, help="gptq: calibration window sampling seed (default 0)"),
+    device: Optional[str] = typer.Option(None, help="gptq: where calibration runs, cpu (default) or cuda (hours on "
+                                         "2 CPU cores for a 3.5B model; minutes on a GPU)"),
     overwrite: bool = typer.Option(False),
     as_json: bool = typer.Option(False, "--json", help="print the summary as one JSON object"),
 ):
@@ -234,7 +248,8 @@ def quantize(
     from edgeloop.quantize import quant_config, quantize_checkpoint
 
     calib = {"calib_text": str(calib_text) if calib_text else None, "calib_samples": calib_samples,
-             "calib_seq_len": calib_seq_len, "seed": seed, "act_order": act_order}  # given ones only: gptq's
+             "calib_seq_len": calib_seq_len, "seed": seed, "act_order": act_order,
+             "device": device}  # given ones only: gptq's
     if method != "gptq" and any(v is not None for v in calib.values()):
         given = ", ".join("--" + k.replace("_", "-") for k, v in calib.items() if v is not None)
         err.print(f"[bold yellow]warning:[/] {given}: calibration settings, ignored by --method {method}")
@@ -372,7 +387,8 @@ def bench(
 def run_cmd(
     checkpoint: Path = typer.Argument(..., help="a float checkpoint folder"),
     out_dir: Path = typer.Option(..., "-o", "--out", help="folder for every stage's output and the report"),
-    method: str = typer.Option("gptq", help="rtn or gptq"), group_size: int = typer.Option(128),
+    method: str = typer.Option("auto", help="gptq, rtn, or auto (gptq up to 1.5B parameters on CPU, rtn past "
+                               "that, said in the report)"), group_size: int = typer.Option(128),
     sym: bool = typer.Option(False), format: str = typer.Option("matmulnbits", help="matmulnbits or qdq"),
     accuracy_level: int = typer.Option(4, help="MatMulNBits accuracy level: 4 (int8 activations, the fast CPU "
                                        "path) or 0 (fp32 compute)"), ep: str = typer.Option("cpu"),

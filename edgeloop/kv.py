@@ -2,11 +2,17 @@
 
     inputs   past_key_values.{i}.key | .value   [batch, kv_heads, past_sequence_length, head_dim]
     outputs  present.{i}.key | .value           [batch, kv_heads, total_sequence_length, head_dim]
-for each EFFECTIVE layer i: begin layers, then loop l x middle layer j (slot n_begin + l * n_middle + j),
-then end layers. A loop that does not run (num_loops < r) passes its past through unchanged, so its
-slots stay as they were (empty, for a sequence that always ran fewer loops). The first step feeds
-empty pasts ([B, kv_heads, 0, head_dim]); each step's presents are the next step's pasts.
-manifest.json records the names and the layout ("kv"), and web/edgeloop.mjs reads them from there.
+for each slot i: begin layers, then the middle layers, then end layers. Two policies for the middle:
+    per-step  one slot per (loop l, middle layer j): n_begin + l * n_middle + j, for l < num_loops (the
+              loops the export covers). A loop that does not run passes its past through unchanged, so
+              its slots stay as they were (empty, for a sequence that always ran fewer loops): every
+              token of a sequence runs the same loop count.
+    shared    one slot per middle layer j: n_begin + j. Every loop attends over that slot's past (each
+              earlier token at the last loop it ran) plus its own new keys/values; the present keeps the
+              last loop's. KV bytes per token do not grow with the loop count, and any token may run any
+              number of loops (Huginn's compress-s4 cache).
+The first step feeds empty pasts ([B, kv_heads, 0, head_dim]); each step's presents are the next step's
+pasts. manifest.json records the names and the layout ("kv"), and web/edgeloop.mjs reads them from there.
 """
 from __future__ import annotations
 
@@ -39,15 +45,16 @@ class Layout:
     n_begin: int
     n_middle: int
     n_end: int
-    num_loops: int  # r: the loop count the export's slots cover
+    num_loops: int  # the loop count the slots cover (per-step); the most loops a token may run (shared)
     kv_heads: int
     head_dim: int
     dtype: str = "float32"
+    policy: str = "per-step"
 
     @classmethod
-    def of_config(cls, cfg, dtype: str = "float32") -> "Layout":
-        """From a HyperloopConfig (or anything with its fields)."""
-        return cls(cfg.n_begin, cfg.n_middle, cfg.n_end, cfg.num_loops, cfg.n_kv_heads, cfg.head_dim, dtype)
+    def of_config(cls, cfg, policy: str = "per-step", dtype: str = "float32") -> "Layout":
+        """From a HyperloopConfig (or anything with its fields): slots for its loop_limit loops."""
+        return cls(cfg.n_begin, cfg.n_middle, cfg.n_end, cfg.loop_limit, cfg.n_kv_heads, cfg.head_dim, dtype, policy)
 
     @classmethod
     def of_manifest(cls, m: dict) -> "Layout":
@@ -55,25 +62,35 @@ class Layout:
         if isinstance(m.get("kv"), dict):
             kv = m["kv"]
             return cls(*(int(kv[k]) for k in ("n_begin", "n_middle", "n_end", "num_loops", "kv_heads", "head_dim")),
-                       str(kv.get("dtype", "float32")))
+                       str(kv.get("dtype", "float32")), str(kv.get("policy", "per-step")))
         c = m["config"]
         return cls(int(c["n_begin"]), int(c["n_middle"]), int(c["n_end"]), int(m["num_loops"]), int(c["n_kv_heads"]),
                    int(c["d_model"]) // int(c["n_heads"]))
 
     @property
+    def shared(self) -> bool:
+        return self.policy == "shared"
+
+    @property
+    def middle_slots(self) -> int:
+        return self.n_middle if self.shared else self.num_loops * self.n_middle
+
+    @property
     def layers(self) -> int:
-        """Effective layers: past/present pairs in the graph."""
-        return self.n_begin + self.num_loops * self.n_middle + self.n_end
+        """Slots: past/present pairs in the graph."""
+        return self.n_begin + self.middle_slots + self.n_end
 
     def slot(self, loop: int, layer: int) -> int:
         """Slot of middle layer `layer` in loop `loop`."""
-        return self.n_begin + loop * self.n_middle + layer
+        return self.n_begin + (0 if self.shared else loop * self.n_middle) + layer
 
     def end_slot(self, layer: int) -> int:
-        return self.n_begin + self.num_loops * self.n_middle + layer
+        return self.n_begin + self.middle_slots + layer
 
     def layers_run(self, num_loops: int | None = None) -> int:
-        """Layers whose slots grow by one token per step when `num_loops` loops run."""
+        """Slots that grow by one token per step when `num_loops` loops run."""
+        if self.shared:
+            return self.layers
         L = self.num_loops if num_loops is None else num_loops
         return self.n_begin + L * self.n_middle + self.n_end
 
@@ -95,6 +112,9 @@ class Layout:
     def past_length(self, past: dict[str, np.ndarray]) -> int:
         """Tokens already in `past` (loop 0 always runs, so its first slot always grew)."""
         return int(past[past_name(self.slot(0, 0), "key")].shape[2])
+
+    def empty_kv(self, batch: int = 1) -> np.ndarray:
+        return np.zeros((batch, self.kv_heads, 0, self.head_dim), DTYPES[self.dtype])
 
     def manifest(self) -> dict[str, Any]:
         """The "kv" entry of manifest.json: names (printf patterns), layout, shape and dtype."""

@@ -22,9 +22,12 @@ from typing import Callable
 from edgeloop.io import atomic_write_text, check_output_dir
 
 
+GPTQ_CPU_PARAMS = 1_500_000_000  # past this many parameters GPTQ calibration on CPU takes hours: auto picks RTN
+
+
 @dataclass
 class RunConfig:
-    method: str = "gptq"
+    method: str = "auto"  # gptq, rtn, or auto: gptq up to GPTQ_CPU_PARAMS parameters, rtn past them (said so)
     group_size: int = 128
     sym: bool = False
     format: str = "matmulnbits"
@@ -63,7 +66,8 @@ def run(ckpt: str | Path, out: str | Path, rc: RunConfig, *, overwrite: bool = F
         if read_config(ckpt).get("quantization_config"):
             raise ValueError(f"{ckpt} is already quantized: `edgeloop run` starts from a float checkpoint")
         provider_names(rc.ep)  # an unavailable provider fails before the long stages
-        qc = quant_config(rc.method, group_size=rc.group_size, sym=rc.sym,
+        method, note = resolve_method(rc.method, load_config(ckpt))
+        qc = quant_config(method, group_size=rc.group_size, sym=rc.sym,
                           embedding_bits=rc.embedding_bits).validate()  # bad settings too
         if out.exists():
             shutil.rmtree(out)
@@ -104,13 +108,27 @@ def run(ckpt: str | Path, out: str | Path, rc: RunConfig, *, overwrite: bool = F
         rows = stage("sweep num_loops", do_sweep)
         plot_sweep(rows, out / "sweep.png", f"{source.name} INT4: elastic depth")
     report = {"checkpoint": str(source), "out": str(out), "imported": str(ckpt) if staged is not None else None,
-              "config": asdict(rc), "seconds": round(time.time() - t0, 1),
+              "config": {**asdict(rc), "method": method}, "method_note": note, "seconds": round(time.time() - t0, 1),
               "timings_s": timings, "quantize": _slim(quant), "export": {"int4": exp_int4, "fp32": exp_fp32},
               "eval": {"int4": drift, "fp32": drift_fp32}, "bench": bench,
               "int4_over_fp32": ratios(bench["int4"], bench["fp32"]), "sweep": rows}
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
     atomic_write_text(out / "report.md", report_md(report))
     return report
+
+
+def resolve_method(method: str, cfg) -> tuple[str, str | None]:
+    """(the quantize algorithm, why it was chosen when `method` is auto)."""
+    if method != "auto":
+        return method, None
+    from edgeloop.model.model import meta_model
+
+    n = sum(p.numel() for p in meta_model(cfg).parameters())
+    if n <= GPTQ_CPU_PARAMS:
+        return "gptq", None
+    return "rtn", (f"rtn: {n / 1e9:.2f}B parameters, past the {GPTQ_CPU_PARAMS / 1e9:g}B up to which GPTQ calibration "
+                   f"on CPU is minutes (pass --method gptq to calibrate anyway, or `edgeloop quantize --method gptq "
+                   f"--device cuda` on a GPU)")
 
 
 def _slim(q: dict) -> dict:
@@ -126,7 +144,8 @@ def headline(r: dict) -> list[tuple[str, str]]:
     d, b, x = r["eval"]["int4"], r["bench"], r["int4_over_fp32"]
     p = r["export"]["int4"]["parity"]
     rows = [("quantize", f"{r['config']['method']} INT4, group {r['config']['group_size']}, "
-                         f"{'sym' if r['config']['sym'] else 'asym'}, embedding INT{r['config'].get('embedding_bits', 8)}"),
+                         f"{'sym' if r['config']['sym'] else 'asym'}, embedding INT{r['config'].get('embedding_bits', 8)}"
+                         + (f" ({r['method_note']})" if r.get("method_note") else "")),
             ("export", f"{r['export']['int4']['format']}, Loop = {r['export']['int4']['graph']['loop']}, "
                        f"parity {p['max_abs_err']:.1e} (tol {p['tolerance']:g})"),
             ("perplexity (INT4 / fp32 ref)", f"{d['ppl']:.3f} / {d['reference_ppl']:.3f} on {d['tokens']:,} tokens"),

@@ -13,9 +13,9 @@ ALLOWED = {
     "export": {"model", "quantize"},
     "runtime": {"model", "quantize", "importers"},  # drift's fp32 reference (lazily; the Runtime itself: no torch)
     "importers": {"model"},
-    "helpers": set(),  # io, kv, strided, tensors, textstream
+    "helpers": set(),  # chat, io, kv, strided, tensors, textstream
 }
-SHARED = {"io", "kv", "strided", "tensors", "textstream"}
+SHARED = {"chat", "io", "kv", "strided", "tensors", "textstream"}
 WIRING = {"cli", "run", "__init__"}  # may import every stage
 
 

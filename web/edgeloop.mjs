@@ -91,6 +91,10 @@ export async function loadModel({ ort, Tokenizer, base, ep = "wasm", onStatus = 
     const eot = (tj.added_tokens || []).find((t) => t.content === EOT);
     model.eos = eot ? eot.id : (tj.model?.vocab?.[EOT] ?? null);
   }
+  if (manifest.generation?.eos_token_id?.length) { // the source folder's eos tokens (edgeloop/export/folder.py)
+    model.eos = manifest.generation.eos_token_id[0];
+    model.stopIds = manifest.generation.eos_token_id.map(Number);
+  }
   const files = ["model.onnx", ...(manifest.external_data ? ["model.onnx.data"] : [])];
   const bytes = {};
   for (const f of files) {
@@ -168,7 +172,7 @@ export async function generateIds(model, promptIds, maxNewTokens, { onToken = nu
   if (prompt.length > model.ctx) {
     throw new Error(`the prompt has ${prompt.length} tokens; the model's context is ${model.ctx}`);
   }
-  const stops = new Set(stop ?? (model.eos !== null ? [model.eos] : []));
+  const stops = new Set(stop ?? model.stopIds ?? (model.eos !== null ? [model.eos] : []));
   let past = {};
   const presentOf = {}; // present name -> the past name it feeds next step
   const empty = model.kvDtype === "float16" ? new Uint16Array(0) : new Float32Array(0);

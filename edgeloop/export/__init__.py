@@ -32,6 +32,10 @@ class ExportConfig:
     decode_steps: int = 16
     tolerance: float | None = None  # max |logit error| allowed; default by format (see default_tolerance)
     ort: bool = False  # also model.ort + required_operators.config (onnxruntime mobile / minimal builds)
+    kv_policy: str | None = None  # "per-step" | "shared" KV slots across loops; None: the model's kv_policy
+    max_loops: int | None = None  # the most loops num_loops may ask for; None: the model's (max_loops or r)
+    init_state: str = "zeros"  # "zeros" | "random": the injection's random start behind the init_scale input
+    seed: int = 0  # the random start's generator seed
 
 
 def default_tolerance(fmt: str, accuracy_level: int) -> float:
@@ -40,6 +44,26 @@ def default_tolerance(fmt: str, accuracy_level: int) -> float:
     if fmt in ("matmulnbits", "qdq") and accuracy_level >= 3:
         return 0.5
     return {"fp32": 1e-4, "fp16": 1e-4, "matmulnbits": 1e-3, "qdq": 1e-3}[fmt]
+
+
+def export_config(cfg, ec: ExportConfig):
+    """The model config the export runs: kv_policy and max_loops as the export asks (checked)."""
+    from edgeloop.model.config import ConfigError
+
+    if ec.init_state not in ("zeros", "random"):
+        raise ValueError(f"--init-state {ec.init_state!r}: zeros or random")
+    if ec.init_state == "random":
+        from edgeloop.model.pieces import REGISTRY
+
+        if cfg.hc != "none" or not REGISTRY["injection"][cfg.injection].random_start:
+            raise ValueError(f"--init-state random: this model's loop state starts from its input "
+                             f"(hc {cfg.hc}, injection {cfg.injection}); only a random-start injection has one")
+    changes = {k: v for k, v in (("kv_policy", ec.kv_policy), ("max_loops", ec.max_loops)) if v is not None}
+    try:
+        return dataclasses.replace(cfg, **changes).validate()
+    except ConfigError as e:
+        flag = str(e).split("'")[1].replace("_", "-") if "'" in str(e) else "setting"
+        raise ValueError(f"--{flag}: {e}") from None
 
 
 def export_checkpoint(in_dir: str | Path, out_dir: str | Path, ec: ExportConfig | None = None, *,
@@ -63,6 +87,7 @@ def export_checkpoint(in_dir: str | Path, out_dir: str | Path, ec: ExportConfig 
         if ec.max_seq_len < 1:
             raise ValueError(f"--max-seq-len {ec.max_seq_len}: must be positive")
         cfg = dataclasses.replace(cfg, max_seq_len=ec.max_seq_len)
+    cfg = export_config(cfg, ec)
     check_output_dir(out_dir, overwrite)
     ec = dataclasses.replace(ec, format=fmt)
     with atomic_dir(out_dir, overwrite) as tmp:

@@ -11,13 +11,13 @@ import onnx
 import onnx_ir as ir
 
 from edgeloop.export.graph import build
-from edgeloop.export.verify import PROMPT, padded_parity, parity
+from edgeloop.export.verify import PROMPT, padded_parity, parity, random_start
 from edgeloop.export.weights import Weights
 from edgeloop.io import write_json
+from edgeloop.model.checkpoint import GENERATION_FILES, TOKENIZER_FILES, generation_tokens
 from edgeloop.model.config import HyperloopConfig
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GB
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def graph_stats(model: ir.Model) -> dict:
@@ -46,7 +46,7 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
     step("reading weights and building the graph")
     w = Weights(in_dir, ec.format, ec.accuracy_level)
     try:
-        model = build(cfg, w, unroll=ec.unroll)
+        model = build(cfg, w, unroll=ec.unroll, init_state=ec.init_state, seed=ec.seed)
     finally:
         w.close()
     stats = graph_stats(model)
@@ -63,20 +63,25 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
         onnx.save(proto, path)
     manifest = {"format": ec.format, "accuracy_level": ec.accuracy_level if ec.format in ("matmulnbits", "qdq") else None,
                 "unroll": ec.unroll, "opset": ec.opset, "effective_layers": cfg.effective_layers,
-                "num_loops": cfg.num_loops, "max_seq_len": cfg.max_seq_len, "source": str(source or in_dir),
+                "num_loops": cfg.num_loops, "max_loops": cfg.loop_limit, "kv_policy": cfg.kv_policy,
+                "init_state": {"kind": ec.init_state, "seed": ec.seed if ec.init_state == "random" else None},
+                "max_seq_len": cfg.max_seq_len, "source": str(source or in_dir),
                 "external_data": external, "kv": cfg.kv_layout().manifest(), "graph": stats, "versions": versions(),
                 "file_bytes": {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()},
                 "config": cfg.to_dict(), "quantization_config": raw.get("quantization_config")}
     tokenizer_ok = all((in_dir / f).is_file() for f in TOKENIZER_FILES)
-    if tokenizer_ok:
-        for f in TOKENIZER_FILES:
+    for f in (TOKENIZER_FILES if tokenizer_ok else ()) + GENERATION_FILES:
+        if (in_dir / f).is_file():
             shutil.copyfile(in_dir / f, out / f)
+    manifest["generation"] = generation_tokens(in_dir, raw)
     if ec.verify:
         step("parity check: onnxruntime vs PyTorch")
         from edgeloop.model.checkpoint import load_tokenizer
         from edgeloop.quantize import load_checkpoint
 
         ref = load_checkpoint(in_dir)
+        ref.cfg = cfg  # the export's kv_policy / max_loops / context (the same weights)
+        ref.init_buffers()
         prompt = load_tokenizer(in_dir).encode(PROMPT, add_special_tokens=False).ids if tokenizer_ok else \
             np.random.default_rng(0).integers(0, cfg.vocab_size, 12).tolist()
         so = ort.SessionOptions()
@@ -85,12 +90,16 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(ec.accuracy_level))
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         tol = ec.tolerance if ec.tolerance is not None else default_tolerance(ec.format, ec.accuracy_level)
-        figures = parity(sess, ref, prompt, decode_steps=ec.decode_steps)
-        padded = padded_parity(sess, ref, prompt)
+        figures = parity(sess, ref, prompt, decode_steps=ec.decode_steps, policy=cfg.kv_policy)
+        padded = padded_parity(sess, ref, prompt, policy=cfg.kv_policy)
         worst = max([f["max_abs_err"] for f in figures.values()] + [padded["max_abs_err"]])
         manifest["parity"] = {"tolerance": tol, "max_abs_err": worst, "by_num_loops": figures,
                               "left_padded_batch": padded,
                               "reference": "int4-dequantized" if raw.get("quantization_config") else "fp32"}
+        if ec.init_state == "random":  # parity ran the zero state; the random one must be live and finite
+            rs = manifest["parity"]["random_start"] = random_start(sess, cfg, prompt)
+            if not (rs["finite"] and rs["change_between_draws"] > 0 and rs["change_vs_zero_state"] > 0):
+                raise ExportError(f"the random start does not work: {rs}")
         if not worst <= tol:
             raise ExportError(f"parity check failed: max |logit error| {worst:.3g} > tolerance {tol:g} "
                               f"(onnxruntime vs PyTorch, num_loops {', '.join(figures)}, and a left-padded "
@@ -106,9 +115,8 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
             raise ExportError(f"model.ort disagrees with model.onnx: max |logit difference| "
                               f"{manifest['ort']['max_abs_diff_vs_onnx']:.3g}")
         manifest["file_bytes"] = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
-    eos = eos_id(out) if tokenizer_ok else None
-    write_json(out / "genai_config.json", genai_config(cfg, eos))
-    write_json(out / "config.json", optimum_config(cfg, eos, raw))
+    write_json(out / "genai_config.json", genai_config(cfg, manifest["generation"]))
+    write_json(out / "config.json", optimum_config(cfg, manifest["generation"], raw))
     write_json(out / "manifest.json", manifest)
     return {k: manifest.get(k) for k in ("format", "unroll", "graph", "parity", "file_bytes", "effective_layers", "ort")}
 
@@ -123,19 +131,14 @@ def versions() -> dict:
             "onnxruntime": onnxruntime.__version__, "onnx_ir": ir.__version__, "torch": torch.__version__}
 
 
-def eos_id(folder: Path) -> int | None:
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(folder / "tokenizer.json")).token_to_id("<|endoftext|>")
-
-
-def genai_config(cfg: HyperloopConfig, eos: int | None) -> dict:
-    """onnxruntime-genai's decoder description: one past/present pair per EFFECTIVE layer."""
-    eos = 0 if eos is None else eos
+def genai_config(cfg: HyperloopConfig, gen: dict) -> dict:
+    """onnxruntime-genai's decoder description: one past/present pair per KV slot."""
+    eos = gen["eos_token_id"][0] if len(gen["eos_token_id"]) == 1 else gen["eos_token_id"] or 0
     kv = cfg.kv_layout().manifest()
     return {
         "model": {
-            "bos_token_id": eos, "context_length": cfg.max_seq_len, "eos_token_id": eos, "pad_token_id": eos,
+            "bos_token_id": gen["bos_token_id"], "context_length": cfg.max_seq_len, "eos_token_id": eos,
+            "pad_token_id": gen["pad_token_id"],
             "type": "decoder", "vocab_size": cfg.vocab_size,
             "decoder": {
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
@@ -156,16 +159,16 @@ def genai_config(cfg: HyperloopConfig, eos: int | None) -> dict:
     }
 
 
-def optimum_config(cfg: HyperloopConfig, eos: int | None, raw: dict) -> dict:
+def optimum_config(cfg: HyperloopConfig, gen: dict, raw: dict) -> dict:
     """A transformers-style config that optimum's ORTModelForCausalLM reads: it describes the KV
-    convention (a llama-shaped decoder of `effective_layers` layers); the real architecture is under
+    convention (a llama-shaped decoder with one layer per KV slot); the real architecture is under
     "edgeloop"."""
-    eos = 0 if eos is None else eos
+    eos = gen["eos_token_id"][0] if len(gen["eos_token_id"]) == 1 else gen["eos_token_id"] or 0
     return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": cfg.d_model,
             "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
-            "head_dim": cfg.head_dim, "num_hidden_layers": cfg.effective_layers, "vocab_size": cfg.vocab_size,
+            "head_dim": cfg.head_dim, "num_hidden_layers": cfg.kv_layout().layers, "vocab_size": cfg.vocab_size,
             "max_position_embeddings": cfg.max_seq_len, "intermediate_size": cfg.mlp_hidden,
-            "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "bos_token_id": eos, "eos_token_id": eos,
-            "pad_token_id": eos, "use_cache": True, "tie_word_embeddings": cfg.tie_embeddings,
+            "rms_norm_eps": cfg.norm_eps, "rope_theta": cfg.rope_theta, "bos_token_id": gen["bos_token_id"],
+            "eos_token_id": eos, "pad_token_id": gen["pad_token_id"], "use_cache": True, "tie_word_embeddings": cfg.tie_embeddings,
             "torch_dtype": "float32",
             "edgeloop": {"config": cfg.to_dict(), "quantization_config": raw.get("quantization_config")}}

@@ -43,11 +43,16 @@ def positions(g: GraphBuilder, model: Hyperloop, input_ids, attention_mask, posi
     return ctx
 
 
-def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False) -> ir.Model:
-    """The ONNX model of `cfg` with weights from `w` (Loop, or unrolled with the weights still stored once)."""
+def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False, kv_policy: str | None = None,
+          init_state: str = "zeros", seed: int = 0) -> ir.Model:
+    """The ONNX model of `cfg` with weights from `w` (Loop, or unrolled with the weights still stored once).
+    kv_policy: per-step or shared slots (default: the config's); init_state "random": the injection's random
+    start behind a float input `init_scale` (default 1.0; 0 gives the zero state) and a seeded generator."""
     model = meta_model(cfg)
     w.bind(model)
-    kv = Layout.of_config(cfg)
+    kv = cfg.kv_layout(kv_policy)
+    if unroll and kv.num_loops != cfg.num_loops:
+        raise ValueError(f"--unroll runs num_loops = {cfg.num_loops} only: max_loops {kv.num_loops} needs the Loop")
     g = GraphBuilder()
     kv_past = ["batch_size", kv.kv_heads, "past_sequence_length", kv.head_dim]
     kv_present = ["batch_size", kv.kv_heads, "total_sequence_length", kv.head_dim]
@@ -57,13 +62,17 @@ def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False) -> ir.Model:
     past = [tuple(graph_input(past_name(i, k), FLOAT, kv_past) for k in ("key", "value")) for i in range(kv.layers)]
     inputs = [input_ids, attention_mask, position_ids] + [t for pair in past for t in pair]
     ctx = positions(g, model, input_ids, attention_mask, position_ids)
+    init_scale = None
+    if init_state == "random":
+        init_scale = _scalar_input(g, "init_scale", 1.0, FLOAT, np.float32)
+        ctx.update(init_scale=init_scale, seed=seed)
 
     presents: dict[int, tuple] = {}
     x = model.emit_embed(g, w, input_ids)
     for i, blk in enumerate(model.begin):
         x, *presents[i] = blk.emit(g, w, x, ctx, past[i])
     e = x
-    state = model.hc.emit_init(g, e)
+    state = model.hc.emit_init(g, e, ctx)
     num_loops = None
     if unroll:
         for l in range(cfg.num_loops):
@@ -71,12 +80,11 @@ def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False) -> ir.Model:
             state, pres = model.emit_step(g, w, state, e, g.const(l), ctx, pasts)
             presents.update({kv.slot(l, j): p for j, p in enumerate(pres)})
     else:
-        num_loops = ir.Value(name="num_loops", type=ir.TensorType(INT64), shape=ir.Shape([]),
-                             const_value=ir.tensor(np.array(cfg.num_loops, np.int64), name="num_loops"))
-        g.root.initializers["num_loops"] = num_loops  # an input with a default: the trained r
-        state, presents_mid = loop(g, w, model, kv, num_loops, state, e, ctx, past)
+        num_loops = _scalar_input(g, "num_loops", cfg.num_loops, INT64, np.int64)  # default: the trained r
+        loop_fn = shared_loop if kv.shared else loop
+        state, presents_mid = loop_fn(g, w, model, kv, num_loops, state, e, ctx, past)
         presents.update(presents_mid)
-    x = model.hc.emit_collapse(g, state)
+    x = model.emit_collapse(g, w, state)
     for j, blk in enumerate(model.end):
         x, *presents[kv.end_slot(j)] = blk.emit(g, w, x, ctx, past[kv.end_slot(j)])
     logits = model.emit_head(g, w, x)
@@ -85,9 +93,45 @@ def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False) -> ir.Model:
     for i in range(kv.layers):
         for kind, t in zip(("key", "value"), presents[i]):
             outputs.append(typed(g.Identity(t), FLOAT, kv_present, present_name(i, kind)))
-    if num_loops is not None:
-        inputs.append(num_loops)
+    inputs += [v for v in (num_loops, init_scale) if v is not None]
     return ir.Model(g.graph(inputs, outputs, "hyperloop"), ir_version=10, producer_name="edgeloop")
+
+
+def _scalar_input(g: GraphBuilder, name: str, default, dtype: ir.DataType, np_dtype) -> ir.Value:
+    """A scalar graph input with a default (an overridable initializer: onnxruntime-genai and optimum,
+    which do not know it, run the default)."""
+    v = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape([]),
+                 const_value=ir.tensor(np.array(default, np_dtype), name=name))
+    g.root.initializers[name] = v
+    return v
+
+
+def shared_loop(g: GraphBuilder, w: Weights, model: Hyperloop, kv: Layout, num_loops, state, e, ctx, past):
+    """The middle block as one Loop under the shared KV policy: every iteration's middle layer j attends
+    over past[slot j] plus its own new keys/values; those are carried through the Loop (no per-iteration
+    copies kept) and present.{slot j} = [past; the last iteration's]."""
+    nm, KV, hd = kv.n_middle, kv.kv_heads, kv.head_dim
+    b = g.sub("loop/")
+    it = typed(ir.Value(name=b.fresh("iter_num")), INT64, [])
+    cond = typed(ir.Value(name=b.fresh("cond")), BOOL, [])
+    s_in = typed(ir.Value(name=b.fresh("state")), FLOAT, model.hc.state_dims())
+    kv_new = ["batch_size", KV, "sequence_length", hd]
+    carried_in = [typed(ir.Value(name=b.fresh("kv")), FLOAT, kv_new) for _ in range(2 * nm)]  # last loop's k, v
+
+    def past_of(j):
+        return lambda bb, attend: attend(bb, *past[kv.slot(0, j)])
+
+    s_out, new = model.emit_step(b, w, s_in, e, it, ctx, [past_of(j) for j in range(nm)])
+    body_outs = [cond, typed(s_out, FLOAT, model.hc.state_dims())] + [typed(t, FLOAT, kv_new) for p in new for t in p]
+    body = b.graph([it, cond, s_in, *carried_in], body_outs, "middle_block")
+    B_S = g.Shape(e, start=0, end=2)
+    shape = g.Concat(g.Slice(B_S, g.const([0]), g.const([1])), g.const([KV]), g.Slice(B_S, g.const([1]), g.const([2])),
+                     g.const([hd]), axis=0)
+    zeros = g.ConstantOfShape(shape, value=ir.tensor(np.zeros(1, np.float32)))
+    outs = g.Loop(num_loops, g.const(True, np.bool_), state, *[zeros] * (2 * nm), body=body, _outputs=1 + 2 * nm)
+    presents = {kv.slot(0, j): tuple(g.Concat(past[kv.slot(0, j)][c], outs[1 + 2 * j + c], axis=2) for c in range(2))
+                for j in range(nm)}
+    return outs[0], presents
 
 
 def by_loop(g: GraphBuilder, it, r: int, branch):
@@ -113,6 +157,7 @@ def loop(g: GraphBuilder, w: Weights, model: Hyperloop, kv: Layout, num_loops, s
     Inside the body, middle layer j attends to past[slot(iter_num, j)] (picked by by_loop); each
     iteration's NEW keys/values leave as scan outputs and present.{slot} = [past; new] is built after."""
     r, nm = kv.num_loops, kv.n_middle
+    num_loops = g.Min(num_loops, g.const(r)) if r != model.cfg.num_loops else num_loops  # the slots cover r
     b = g.sub("loop/")
     it = typed(ir.Value(name=b.fresh("iter_num")), INT64, [])
     cond = typed(ir.Value(name=b.fresh("cond")), BOOL, [])

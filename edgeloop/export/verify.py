@@ -13,8 +13,8 @@ from edgeloop.model.model import Hyperloop, KVCache
 PROMPT = "In the beginning God created the heaven and the earth."
 
 
-def empty_past(cfg: HyperloopConfig, batch: int = 1) -> dict[str, np.ndarray]:
-    return cfg.kv_layout().empty_past(batch)
+def empty_past(cfg: HyperloopConfig, batch: int = 1, policy: str | None = None) -> dict[str, np.ndarray]:
+    return cfg.kv_layout(policy).empty_past(batch)
 
 
 def feeds_for(cfg, ids: np.ndarray, past: dict, num_loops: int | None, has_loop_input: bool,
@@ -22,7 +22,7 @@ def feeds_for(cfg, ids: np.ndarray, past: dict, num_loops: int | None, has_loop_
     """ORT feeds for new tokens `ids` [B, S] after `past`: no padding, or `mask` [B, P+S] (0 = left padding,
     positions = cumsum(mask) - 1)."""
     B, S = ids.shape
-    P = Layout.of_config(cfg).past_length(past)
+    P = Layout.of_config(cfg).past_length(past)  # slot 0 of loop 0: the same under either policy
     if mask is None:
         mask = np.ones((B, P + S), np.int64)
     pos = np.maximum(np.cumsum(mask, 1) - 1, 0)[:, P:]
@@ -30,6 +30,23 @@ def feeds_for(cfg, ids: np.ndarray, past: dict, num_loops: int | None, has_loop_
     if has_loop_input and num_loops is not None:
         f["num_loops"] = np.array(num_loops, np.int64)
     return f
+
+
+def zero_state(session) -> dict:
+    """Extra feeds so a run starts from the zero state: init_scale = 0 where the export has a random start."""
+    names = {i.name for i in [*session.get_inputs(), *session.get_overridable_initializers()]}
+    return {"init_scale": np.array(0.0, np.float32)} if "init_scale" in names else {}
+
+
+def random_start(session, cfg, prompt_ids: list[int]) -> dict:
+    """The random start of an export with an init_scale input: two runs at init_scale 1 differ from each
+    other and from the zero state, and stay finite (the reference draws a fresh state every forward)."""
+    feeds = feeds_for(cfg, np.asarray([prompt_ids], np.int64), empty_past(cfg), None, False)
+    zero = session.run(["logits"], {**feeds, **zero_state(session)})[0]
+    feeds["init_scale"] = np.array(1.0, np.float32)
+    a, b = (session.run(["logits"], feeds)[0] for _ in range(2))
+    return {"finite": bool(np.isfinite(a).all() and np.isfinite(b).all()),
+            "change_vs_zero_state": float(np.abs(a - zero).max()), "change_between_draws": float(np.abs(a - b).max())}
 
 
 def has_num_loops(session) -> bool:
@@ -41,24 +58,30 @@ def presents_to_past(names: list[str], outs: list[np.ndarray]) -> dict[str, np.n
     return next_past(names, outs)
 
 
+def default_loop_counts(cfg: HyperloopConfig) -> list[int]:
+    """r and r / 2, and 2r when the model may run more loops than r."""
+    r = cfg.num_loops
+    return sorted({r, max(1, r // 2)} | ({min(2 * r, cfg.loop_limit)} if cfg.loop_limit > r else set()), reverse=True)
+
+
 @torch.no_grad()
 def parity(session, model: Hyperloop, prompt_ids: list[int], decode_steps: int = 16,
-           loop_counts: list[int] | None = None) -> dict:
-    """Max |logit error| between onnxruntime and PyTorch per loop count, prefill + decode."""
+           loop_counts: list[int] | None = None, policy: str | None = None) -> dict:
+    """Max |logit error| between onnxruntime and PyTorch per loop count, prefill + decode (KV slots under
+    `policy`, default the model's)."""
     cfg = model.cfg
     has_loop_input = has_num_loops(session)
     if loop_counts is None:
-        loop_counts = sorted({cfg.num_loops, max(1, cfg.num_loops // 2)}, reverse=True) if has_loop_input \
-            else [cfg.num_loops]
+        loop_counts = default_loop_counts(cfg) if has_loop_input else [cfg.num_loops]
     names = [o.name for o in session.get_outputs()]
     result = {}
     for L in loop_counts:
-        cache, past = KVCache(cfg), empty_past(cfg)
+        cache, past = KVCache(cfg, policy), empty_past(cfg, 1, policy)
         ids = np.asarray([prompt_ids], np.int64)
         err, max_logit = 0.0, 0.0
         for _ in range(decode_steps + 1):
             ref = model(torch.from_numpy(ids), num_loops=L, cache=cache)[:, -ids.shape[1]:].numpy()
-            outs = session.run(names, feeds_for(cfg, ids, past, L, has_loop_input))
+            outs = session.run(names, {**feeds_for(cfg, ids, past, L, has_loop_input), **zero_state(session)})
             got = outs[names.index("logits")]
             err = max(err, float(np.abs(got - ref).max()))
             max_logit = max(max_logit, float(np.abs(ref).max()))
@@ -70,7 +93,8 @@ def parity(session, model: Hyperloop, prompt_ids: list[int], decode_steps: int =
 
 
 @torch.no_grad()
-def padded_parity(session, model: Hyperloop, prompt_ids: list[int], decode_steps: int = 4) -> dict:
+def padded_parity(session, model: Hyperloop, prompt_ids: list[int], decode_steps: int = 4,
+                  policy: str | None = None) -> dict:
     """The same check on a batch of two prompts, the second (a shorter one) left-padded: prefill + decode
     through the KV cache with the attention mask; errors over the real (unpadded) positions only."""
     cfg = model.cfg
@@ -80,12 +104,12 @@ def padded_parity(session, model: Hyperloop, prompt_ids: list[int], decode_steps
     ids = np.array([a, [0] * pad + b], np.int64)
     mask = np.array([[1] * len(a), [0] * pad + [1] * len(b)], np.int64)
     names = [o.name for o in session.get_outputs()]
-    cache, past = KVCache(cfg), empty_past(cfg, 2)
+    cache, past = KVCache(cfg, policy), empty_past(cfg, 2, policy)
     err, max_logit = 0.0, 0.0
     for step in range(decode_steps + 1):
         S = ids.shape[1]
         ref = model(torch.from_numpy(ids), cache=cache, attention_mask=torch.from_numpy(mask)).numpy()
-        outs = session.run(names, feeds_for(cfg, ids, past, None, False, mask))
+        outs = session.run(names, {**feeds_for(cfg, ids, past, None, False, mask), **zero_state(session)})
         got = outs[names.index("logits")]
         real = mask[:, -S:].astype(bool)  # padded query rows are not compared
         err = max(err, float(np.abs(got - ref)[real].max()))

@@ -16,6 +16,7 @@ from edgeloop.model.model import Hyperloop, meta_model
 
 FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+GENERATION_FILES = ("generation_config.json", "special_tokens_map.json")  # copied along where present
 
 
 class CheckpointError(ValueError):
@@ -155,3 +156,27 @@ def load_tokenizer(path: str | os.PathLike):
         return Tokenizer.from_file(str(f))
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
         raise CheckpointError(f"{f}: cannot be read as a tokenizer ({str(e).splitlines()[0]})") from None
+
+
+def generation_tokens(folder: str | os.PathLike, raw: dict | None = None) -> dict:
+    """bos / eos (a list) / pad token ids of a checkpoint folder: its generation_config.json, else config.json's,
+    else the tokenizer's <|endoftext|> for all three (edgeloop's own models); 0 when there is nothing to go by."""
+    import json
+
+    folder = Path(folder)
+    raw = read_config(folder) if raw is None else raw
+    gen = {}
+    if (folder / "generation_config.json").is_file():
+        try:
+            gen = json.loads((folder / "generation_config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            gen = {}
+    pick = {k: gen.get(k, raw.get(k)) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    if pick["eos_token_id"] is None and (folder / "tokenizer.json").is_file():
+        pick["eos_token_id"] = load_tokenizer(folder).token_to_id("<|endoftext|>")
+    eos = pick["eos_token_id"]
+    eos = [int(e) for e in eos] if isinstance(eos, list) else [] if eos is None else [int(eos)]
+    first = eos[0] if eos else 0
+    bos, pad = pick["bos_token_id"], pick["pad_token_id"]
+    return {"bos_token_id": first if bos is None else int(bos), "eos_token_id": eos,
+            "pad_token_id": first if pad is None else int(pad)}

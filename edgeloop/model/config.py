@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 COLLAPSES = ("mean", "sum")
+KV_POLICIES = ("per-step", "shared")
 PIECE_FIELDS = ("block", "mlp", "rotary", "hc", "injection")  # each names a registered piece (model/pieces)
 
 
@@ -28,22 +29,26 @@ class HyperloopConfig:
     n_begin: int = 2
     n_middle: int = 2
     n_end: int = 2
-    num_loops: int = 4  # r, the trained loop count
+    num_loops: int = 4  # r, the trained loop count (the default of the export's num_loops input)
+    max_loops: int = 0  # the most loops it may run: 0 = num_loops; more only without per-loop parameters
+    kv_policy: str = "per-step"  # the KV cache across loops: "per-step" (a slot per loop) or "shared" (one)
     # hyper-connections: "dynamic" (mHC-style), "static" (lanes), "none" (plain looped)
     hc: str = "dynamic"
     n_streams: int = 4  # n; must be 1 when hc == "none"
-    injection: str = "passthrough"  # only for hc == "none"
+    injection: str = "passthrough"  # only for hc == "none": passthrough, additive, inject, adapter
     collapse: str = "mean"  # streams -> one: mean or sum
     middle_norm: bool = False  # o = norm_mid(middle_block(u)) after each loop
     loop_embedding: bool = True  # dynamic only: learned per-loop vector added to u
     sinkhorn_iters: int = 20
-    block: str = "prenorm"  # block kind: "prenorm"
+    block: str = "prenorm"  # block kind: "prenorm", "sandwich"
     mlp: str = "swiglu"  # MLP kind: "swiglu", "relu2", "geglu"
     mlp_hidden: int = 768
-    rotary: str = "half"  # rotary flavour: "half" (pairs i, i + hd/2)
+    rotary: str = "half"  # rotary flavour: "half" (pairs i, i + hd/2, nanochat), "interleaved" (2i, 2i + 1)
     qk_norm: bool = True
     qk_bias: bool = False  # biases on the q and k projections (added before rotary)
     embed_norm: bool = False  # x = RMSNorm(embed(tokens))
+    embed_scale: float = 1.0  # x = embed(tokens) * embed_scale (Huginn: sqrt(d))
+    post_loop_norm: bool = False  # x = final_norm(x) after the last loop too (Huginn's ln_f, used twice)
     logit_softcap: float = 0.0  # 0 = off, else softcap * tanh(logits / softcap)
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
@@ -62,14 +67,25 @@ class HyperloopConfig:
         return self.n_begin + self.num_loops * self.n_middle + self.n_end
 
     @property
+    def has_loop_params(self) -> bool:
+        """Per-loop parameters (hyper-connections, loop embeddings) bound the loop count to num_loops."""
+        return self.hc != "none" or self.loop_embedding
+
+    @property
+    def loop_limit(self) -> int:
+        """The most loops the model may run."""
+        return self.max_loops or self.num_loops
+
+    @property
     def unique_layers(self) -> int:
         return self.n_begin + self.n_middle + self.n_end
 
-    def kv_layout(self, dtype: str = "float32"):
-        """The export's KV-cache slots (edgeloop.kv.Layout: the one statement of the convention)."""
+    def kv_layout(self, policy: str | None = None, dtype: str = "float32"):
+        """The KV-cache slots (edgeloop.kv.Layout: the one statement of the convention) under `policy`
+        (default kv_policy), covering loop_limit loops."""
         from edgeloop.kv import Layout
 
-        return Layout.of_config(self, dtype)
+        return Layout.of_config(self, policy or self.kv_policy, dtype)
 
     def slot(self, loop: int, layer: int) -> int:
         """KV-cache slot of middle layer `layer` in loop `loop` (begin, then loop-major middle, then end)."""
@@ -85,7 +101,7 @@ class HyperloopConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise bad(name, "must be a positive integer")
-        for name in ("n_begin", "n_middle", "n_end"):
+        for name in ("n_begin", "n_middle", "n_end", "max_loops"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise bad(name, "must be a non-negative integer")
@@ -96,6 +112,12 @@ class HyperloopConfig:
         for name in PIECE_FIELDS:
             if getattr(self, name) not in names(name):
                 raise bad(name, f"must be one of {names(name)}")
+        if self.kv_policy not in KV_POLICIES:
+            raise bad("kv_policy", f"must be one of {KV_POLICIES}")
+        if self.max_loops and self.max_loops < self.num_loops:
+            raise bad("max_loops", f"must be 0 or at least num_loops={self.num_loops}")
+        if self.max_loops > self.num_loops and self.has_loop_params:
+            raise bad("max_loops", "per-loop parameters (hyper-connections, loop embeddings) exist for num_loops only")
         if self.collapse not in COLLAPSES:
             raise bad("collapse", f"must be one of {COLLAPSES}")
         if self.d_model % self.n_heads:
@@ -108,13 +130,15 @@ class HyperloopConfig:
             raise bad("n_streams", "must be 1 when hc is 'none'")
         if self.hc != "none" and self.injection != "passthrough":
             raise bad("injection", "injection modes apply only to hc='none'")
-        for name in ("logit_softcap", "rope_theta", "norm_eps"):
+        for name in ("logit_softcap", "rope_theta", "norm_eps", "embed_scale"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise bad(name, "must be a finite non-negative number")
-        if self.rope_theta <= 0 or self.norm_eps <= 0:
-            raise bad("rope_theta" if self.rope_theta <= 0 else "norm_eps", "must be positive")
-        for name in ("middle_norm", "loop_embedding", "qk_norm", "qk_bias", "embed_norm", "tie_embeddings", "rope_bf16"):
+        for name in ("rope_theta", "norm_eps", "embed_scale"):
+            if getattr(self, name) <= 0:
+                raise bad(name, "must be positive")
+        for name in ("middle_norm", "loop_embedding", "qk_norm", "qk_bias", "embed_norm", "tie_embeddings", "rope_bf16",
+                     "post_loop_norm"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
         return self
@@ -168,6 +192,11 @@ PRESETS: dict[str, HyperloopConfig] = {
     "test-geglu": HyperloopConfig(vocab_size=320, d_model=64, n_heads=4, n_kv_heads=2, n_begin=1, n_middle=2,
                                   n_end=1, num_loops=2, hc="none", n_streams=1, injection="additive",
                                   loop_embedding=False, mlp="geglu", mlp_hidden=128, max_seq_len=128),
+    "test-huginn": HyperloopConfig(vocab_size=320, d_model=64, n_heads=4, n_kv_heads=4, n_begin=1, n_middle=2,
+                                   n_end=1, num_loops=4, max_loops=8, kv_policy="shared", hc="none", n_streams=1,
+                                   injection="adapter", block="sandwich", rotary="interleaved", qk_bias=True,
+                                   qk_norm=False, loop_embedding=False, embed_scale=8.0, post_loop_norm=True,
+                                   rope_theta=50000.0, mlp_hidden=128, max_seq_len=128),
     "test-standard": HyperloopConfig(vocab_size=320, d_model=64, n_heads=4, n_kv_heads=1, n_begin=1,
                                      n_middle=2, n_end=1, num_loops=1, hc="none", n_streams=1,
                                      loop_embedding=False, qk_norm=False, mlp_hidden=128, max_seq_len=128),

@@ -1,21 +1,22 @@
 """The looped (Hyperloop) transformer, the math in order, assembled from the pieces (model/pieces) that the
 config names. Each stage has its ONNX twin beside it (emit_*), which the export stage drives.
 
-    x = embed(tokens)                        (optionally RMSNorm'd)
+    x = embed(tokens) * embed_scale          (optionally RMSNorm'd)
     x = begin(x)                             n_begin blocks, once
     state = hc.init(x);  e = x               n streams [B, T, n, d] (hc dynamic / static) or one stream
     for l in 0 .. num_loops-1:               middle blocks, weights shared across l
         u = hc.enter(state, e, l)            (+ loop_embed[l])
-        o = middle(u)                        (optionally o = norm_mid(o)); KV slot per (l, layer)
+        o = middle(u)                        (optionally o = norm_mid(o)); KV slots: kv_policy (edgeloop/kv.py)
         state = hc.leave(state, o, l)
-    x = hc.collapse(state)                   mean or sum over streams
+    x = hc.collapse(state)                   mean or sum over streams (optionally final_norm(x): post_loop_norm)
     x = end(x)                               n_end blocks, once
     logits = lm_head(final_norm(x))          (optionally softcap * tanh(logits / softcap))
 
 hc = "dynamic": H_* computed per token from z = RMSNorm(flatten(Y)) (mHC-style, H_res Sinkhorn).
 hc = "static":  H_pre = alpha[l], H_post = beta[l], H_res = M[l] (looped-lm-scaling lanes).
 hc = "none":    one stream s, with the injection of the begin output e:
-                passthrough u = s (s0 = e); additive u = s + e (s0 = 0); inject u = W [e; s] (s0 = e).
+                passthrough u = s (s0 = e); additive u = s + e (s0 = 0); inject u = W [e; s] (s0 = e);
+                adapter u = W [s; e] (s0 = 0 or Huginn's random start).
 """
 from __future__ import annotations
 
@@ -34,16 +35,17 @@ from edgeloop.model.pieces.streams import sinkhorn  # noqa: F401  (re-exported)
 
 
 class KVCache:
-    """One (key, value) slot per effective layer: begin layers, then loop-major (loop, middle layer), then end.
-    Keys/values are [B, n_kv_heads, P, head_dim]; slots of loops not run keep what they had."""
+    """The (key, value) slots of edgeloop.kv.Layout under `policy` (default: the config's kv_policy): begin
+    layers, then the middle ones (per-step: loop-major (loop, middle layer); shared: one per middle layer),
+    then end. Keys/values are [B, n_kv_heads, P, head_dim]; slots of loops not run keep what they had."""
 
-    def __init__(self, cfg: HyperloopConfig):
-        self.cfg = cfg
-        self.slots: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * cfg.effective_layers
+    def __init__(self, cfg: HyperloopConfig, policy: str | None = None):
+        self.cfg, self.layout = cfg, cfg.kv_layout(policy)
+        self.slots: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.layout.layers
 
     @property
     def length(self) -> int:
-        s = self.slots[self.cfg.slot(0, 0)]  # loop 0 always runs
+        s = self.slots[self.layout.slot(0, 0)]  # loop 0 always runs
         return 0 if s is None else s[0].shape[2]
 
 
@@ -103,17 +105,21 @@ class Hyperloop(nn.Module):
                     mod.bias.zero_()
         if self.inject is not None:  # start as u = s + (small) e
             d = self.cfg.d_model
-            self.inject.weight[:, d:] += torch.eye(d)
+            state_cols = slice(0, d) if self.cfg.injection == "adapter" else slice(d, 2 * d)  # [s; e] or [e; s]
+            self.inject.weight[:, state_cols] += torch.eye(d)
 
     # ---- the forward -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, num_loops: int | None = None, cache: KVCache | None = None,
-                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids [B, S] -> logits [B, S, V] (fp32). `cache` is extended in place.
-        attention_mask [B, P+S] (1 = token, 0 = left padding); position_ids [B, S] default from it."""
+                attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                init_scale: float = 0.0) -> torch.Tensor:
+        """input_ids [B, S] -> logits [B, S, V] (fp32). `cache` is extended in place (its policy: per-step
+        or shared slots). attention_mask [B, P+S] (1 = token, 0 = left padding); position_ids [B, S] default
+        from it. init_scale > 0: the injection's random start (where it has one; torch's RNG)."""
         cfg = self.cfg
         r = cfg.num_loops if num_loops is None else int(num_loops)
-        if not 1 <= r <= cfg.num_loops:
-            raise ValueError(f"num_loops={r} must be in 1..{cfg.num_loops} (the trained loop count)")
+        if not 1 <= r <= cfg.loop_limit:
+            what = "the trained loop count" if cfg.loop_limit == cfg.num_loops else "max_loops"
+            raise ValueError(f"num_loops={r} must be in 1..{cfg.loop_limit} ({what})")
         B, S = input_ids.shape
         P = cache.length if cache is not None else 0
         if position_ids is None:
@@ -127,23 +133,31 @@ class Hyperloop(nn.Module):
         mask = self._mask(attention_mask, B, S, P, input_ids.device)
 
         x = self.embed(input_ids).float()
+        if cfg.embed_scale != 1:
+            x = x * cfg.embed_scale
         if self.embed_norm is not None:
             x = self.embed_norm(x)
         x = self._run(self.begin, x, 0, rope, mask, cache)
         e = x
-        state = self.hc.init(e)
+        state = self.hc.init(e, init_scale)
+        shared = None if cache is None or not cache.layout.shared else \
+            [cache.slots[cache.layout.slot(0, j)] for j in range(cfg.n_middle)]  # every loop attends to these
         for l in range(r):
-            state = self.step(state, e, l, rope, mask, cache)
+            state = self.step(state, e, l, rope, mask, cache, shared)
         x = self.hc.collapse(state)
-        x = self._run(self.end, x, cfg.n_begin + cfg.num_loops * cfg.n_middle, rope, mask, cache)
+        if cfg.post_loop_norm:
+            x = self.final_norm(x)
+        x = self._run(self.end, x, cache.layout.end_slot(0) if cache is not None else 0, rope, mask, cache)
         return self.head(x)
 
-    def step(self, state, e, l: int, rope, mask, cache):
-        """One loop: u from the state, o = middle(u), the state update."""
+    def step(self, state, e, l: int, rope, mask, cache, shared=None):
+        """One loop: u from the state, o = middle(u), the state update. `shared`: the middle blocks' pasts
+        under the shared KV policy (the same for every loop; each loop's present replaces the last)."""
         u, mix = self.hc.enter(state, e, l, self.inject)
         if self.loop_embed is not None:
             u = u + self.loop_embed[l]
-        o = self._run(self.middle, u, self.cfg.slot(l, 0), rope, mask, cache)
+        first = cache.layout.slot(l, 0) if cache is not None else 0
+        o = self._run(self.middle, u, first, rope, mask, cache, shared)
         if self.middle_norm is not None:
             o = self.middle_norm(o)
         return self.hc.leave(state, o, l, mix)
@@ -156,9 +170,9 @@ class Hyperloop(nn.Module):
         return c * torch.tanh(logits / c) if c > 0 else logits
 
     @staticmethod
-    def _run(blocks, x, first_slot, rope, mask, cache):
+    def _run(blocks, x, first_slot, rope, mask, cache, pasts=None):
         for j, block in enumerate(blocks):
-            past = cache.slots[first_slot + j] if cache is not None else None
+            past = pasts[j] if pasts is not None else cache.slots[first_slot + j] if cache is not None else None
             x, present = block(x, rope, mask, past)
             if cache is not None:
                 cache.slots[first_slot + j] = present
@@ -179,6 +193,8 @@ class Hyperloop(nn.Module):
     # ---- the ONNX twins (edgeloop/export/graph.py builds the Loop, the masks and the KV routing) -----
     def emit_embed(self, g, w, ids):
         x = w.embedding(g, ids, self.embed)
+        if self.cfg.embed_scale != 1:
+            x = g.Mul(x, g.const(self.cfg.embed_scale, np.float32))
         return self.embed_norm.emit(g, w, x) if self.embed_norm is not None else x
 
     def emit_step(self, g, w, state, e, l, ctx, pasts):
@@ -194,6 +210,10 @@ class Hyperloop(nn.Module):
         if self.middle_norm is not None:
             o = self.middle_norm.emit(g, w, o)
         return self.hc.emit_leave(g, w, state, o, l, mix), presents
+
+    def emit_collapse(self, g, w, state):
+        x = self.hc.emit_collapse(g, state)
+        return self.final_norm.emit(g, w, x) if self.cfg.post_loop_norm else x
 
     def emit_head(self, g, w, x):
         logits = w.lm_head(g, self.final_norm.emit(g, w, x), self.lm_head, self.embed)

@@ -31,7 +31,7 @@ EMBEDDING_BITS = (4, 8)
 ALGORITHMS = ("rtn", "gptq")
 SCALE_DTYPES = ("float16", "float32")
 KEEP_DTYPES = ("float32", "float16")
-CALIBRATION_FIELDS = ("calib_text", "calib_samples", "calib_seq_len", "seed", "act_order")
+CALIBRATION_FIELDS = ("calib_text", "calib_samples", "calib_seq_len", "seed", "act_order", "device")
 
 
 class QuantizeError(ValueError):
@@ -85,9 +85,18 @@ class GPTQConfig(QuantConfig):
     calib_seq_len: int = 256
     seed: int = 0
     act_order: bool = False
+    device: str = "cpu"  # where calibration and the Hessians run: "cpu" or "cuda"
 
     def validate(self) -> "GPTQConfig":
         super().validate()
+        if self.device not in ("cpu", "cuda") and not str(self.device).startswith("cuda:"):
+            raise QuantizeError(f"device={self.device!r} must be cpu or cuda")
+        if str(self.device).startswith("cuda"):
+            import torch
+
+            if not torch.cuda.is_available():
+                raise QuantizeError(f"--device {self.device}: no CUDA device here (torch {torch.__version__}, "
+                                    f"CUDA build: {torch.version.cuda or 'no'}); use --device cpu")
         for name in ("calib_samples", "calib_seq_len"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:

@@ -127,7 +127,7 @@ def _capture_inputs(model: Hyperloop, block: str, calls: int, calib_ids: torch.T
 def _hessian(root: torch.nn.Module, linear: str, calls: int, run: Callable[[], None]) -> GPTQ:
     """H from every input of root.<linear> while `run()` drives calibration data through `root`."""
     mod = root.get_submodule(linear)
-    h = GPTQ(mod.weight.shape[1], linear)
+    h = GPTQ(mod.weight.shape[1], linear, mod.weight.device)
     handle = _hooked(mod, lambda args: h.add_batch(args[0]), calls)
     try:
         run()
@@ -165,6 +165,8 @@ def quantize_(model: Hyperloop, cfg: QuantConfig, calib_ids: torch.Tensor | np.n
         calib_ids = torch.as_tensor(np.asarray(calib_ids), dtype=torch.long)
         if calib_ids.ndim != 2 or calib_ids.numel() == 0:
             raise QuantizeError(f"calib_ids must be [samples, seq_len], got shape {tuple(calib_ids.shape)}")
+        model.to(cfg.device)  # calibration forwards and Hessians run there (the model stays there)
+        calib_ids = calib_ids.to(cfg.device)
     if not hasattr(model, "int4_params"):
         model.int4_params = {}
     layers: list[dict] = []

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import torch
 
 from edgeloop.io import atomic_dir, check_output_dir, file_sha256, write_json
-from edgeloop.model.checkpoint import (FLOAT_DTYPES, TOKENIZER_FILES, CheckpointError, check_finite, check_keys,
+from edgeloop.model.checkpoint import (FLOAT_DTYPES, GENERATION_FILES, TOKENIZER_FILES, CheckpointError, check_finite, check_keys,
                                        expected_tensors, load_config, load_model, open_safetensors, read_config,
                                        read_tensor)
 from edgeloop.model.config import HyperloopConfig
@@ -126,7 +126,7 @@ def write_folder(out_dir: str | os.PathLike, cfg: HyperloopConfig, q: QuantConfi
         write_json(tmp / "config.json", {**cfg.to_dict(), "quantization_config": qc})
         write_safetensors(tmp / "model.safetensors", header, tensors)
         if tokenizer_dir is not None:
-            for name in TOKENIZER_FILES:
+            for name in TOKENIZER_FILES + GENERATION_FILES:
                 if (Path(tokenizer_dir) / name).is_file():
                     shutil.copyfile(Path(tokenizer_dir) / name, tmp / name)
         after = (tmp / "model.safetensors").stat().st_size
@@ -199,12 +199,13 @@ def quantize_checkpoint(in_dir: str | os.PathLike, out_dir: str | os.PathLike, q
             model = load_model(in_dir)
             rep = quantize_(model, qcfg, calib_ids, progress=step, calibration=calibration)
             layers = rep["layers"]
+            model.to("cpu")
             mstate = model.state_dict()
             packed_hc = model.int4_params
 
             def packed_of(name: str) -> tuple:
                 if name in packed_hc:
-                    return packed_hc[name]
+                    return tuple(None if t is None else t.cpu() for t in packed_hc[name])
                 p = prefix(name)
                 return tuple(mstate.get(f"{p}.{part}") for part in ("qweight", "scales", "qzeros"))
         else:

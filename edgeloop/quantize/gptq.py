@@ -26,14 +26,14 @@ BLOCK = 128
 class GPTQ:
     """Accumulates H = (2/n) sum x x^T for inputs of width K, then quantizes weights against it."""
 
-    def __init__(self, k: int, name: str = ""):
+    def __init__(self, k: int, name: str = "", device: str | torch.device = "cpu"):
         self.k, self.name = k, name
-        self.H = torch.zeros(k, k, dtype=torch.float32)
+        self.H = torch.zeros(k, k, dtype=torch.float32, device=device)
         self.nsamples = 0
 
     def add_batch(self, x: torch.Tensor) -> None:
         """Add the rows of x [..., K] (every token of one call of the Linear) to the running average."""
-        X = x.detach().reshape(-1, self.k).float()
+        X = x.detach().reshape(-1, self.k).float().to(self.H.device)
         m = X.shape[0]
         if m == 0:
             return
@@ -46,7 +46,7 @@ class GPTQ:
         """Upper Cholesky factor of (H + damp I)^-1, computed in float64; damping raised x10 on failure."""
         Hd = H.double()
         mean_diag = torch.diag(Hd).mean().item()
-        eye = torch.eye(self.k, dtype=torch.float64)
+        eye = torch.eye(self.k, dtype=torch.float64, device=H.device)
         for attempt in range(4):
             damp = DAMP * 10 ** attempt * (mean_diag if mean_diag > 0 else 1.0)
             L, info = torch.linalg.cholesky_ex(Hd + damp * eye)
@@ -64,27 +64,28 @@ class GPTQ:
         stats: calibration-weighted output error tr(dW H dW^T) / tr(W H W^T) of GPTQ and of RTN."""
         if self.nsamples == 0:
             raise QuantizeError(f"layer '{self.name}': no calibration inputs reached it")
-        W = weight.detach().float().clone()
+        W = weight.detach().float().to(self.H.device).clone()
         N, K = W.shape
+        dev = W.device
         nb = K // group_size
         H = self.H.clone()
         dead = torch.diag(H) == 0
         H[dead, dead] = 1.0
         W[:, dead] = 0.0
-        scale = torch.empty(N, nb, dtype=torch.float16 if scale_dtype == "float16" else torch.float32)
-        zero = torch.empty(N, nb)
+        scale = torch.empty(N, nb, dtype=torch.float16 if scale_dtype == "float16" else torch.float32, device=dev)
+        zero = torch.empty(N, nb, device=dev)
         if act_order:
             scale, zero = group_params(split_groups(W, group_size), sym, scale_dtype)
             perm = torch.argsort(torch.diag(H), descending=True, stable=True)
             W, H = W[:, perm], H[perm][:, perm]
         else:
-            perm = torch.arange(K)
+            perm = torch.arange(K, device=dev)
         Hinv = self._inverse_factor(H)
-        codes = torch.empty(N, K, dtype=torch.uint8)
+        codes = torch.empty(N, K, dtype=torch.uint8, device=dev)
         bs = group_size * max(1, BLOCK // group_size)  # blocks hold whole groups
         for i1 in range(0, K, bs):
             i2 = min(i1 + bs, K)
-            W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(N, i2 - i1), Hinv[i1:i2, i1:i2]
+            W1, Err1, Hinv1 = W[:, i1:i2].clone(), torch.zeros(N, i2 - i1, device=dev), Hinv[i1:i2, i1:i2]
             for i in range(i2 - i1):
                 col = int(perm[i1 + i])
                 g = col // group_size
@@ -103,7 +104,7 @@ class GPTQ:
 
     def errors(self, weight, codes, scale, zero, group_size, sym, scale_dtype) -> dict:
         """Relative output error on the calibration inputs for these codes and for plain RTN."""
-        W = weight.detach().float()
+        W = weight.detach().float().to(self.H.device)
         ref = torch.einsum("nk,kl,nl->", W, self.H, W).clamp_min(1e-30)
 
         def rel(What: torch.Tensor) -> float:

@@ -220,18 +220,25 @@ def decode_speed(rt, tokens: int = 64, num_loops: int | None = None) -> float:
     return decode_rates(stamps)["decode_tokens_per_s"]
 
 
+def sweep_loops(r: int, max_loops: int) -> list[int]:
+    """The loop counts a sweep visits: 1..r when r <= 8, else the powers of two up to max_loops, and r."""
+    if r <= 8 and max_loops == r:
+        return list(range(1, r + 1))
+    return sorted({2 ** i for i in range(max_loops.bit_length()) if 2 ** i <= max_loops} | {r})
+
+
 def sweep(rt, ids: np.ndarray, decode_tokens: int = 64, batch_size: int = 4, progress=None) -> list[dict]:
-    """Perplexity on `ids` and decode tokens/s for num_loops = 1..r (r rows; needs the num_loops input)."""
+    """Perplexity on `ids` and decode tokens/s per loop count (sweep_loops; needs the num_loops input)."""
     if not rt.has_num_loops:
         raise RuntimeInputError(f"{rt.folder}: an unrolled export has no num_loops input, so no sweep")
-    rows = []
-    for L in range(1, rt.r + 1):
+    rows, loops = [], sweep_loops(rt.r, rt.max_loops)
+    for i, L in enumerate(loops, 1):
         ppl, n = rt.perplexity(ids, batch_size=batch_size, num_loops=L)
         rows.append({"num_loops": L, "effective_layers": rt.n_begin + L * rt.n_middle + rt.n_end, "ppl": ppl,
                      "tokens": n, "decode_tokens_per_s": decode_speed(rt, decode_tokens, L),
                      "kv_bytes_per_token": rt.kv_bytes_per_token(L)})
         if progress is not None:
-            progress(L, rt.r)
+            progress(i, len(loops))
     return rows
 
 

@@ -21,21 +21,22 @@ def _progress(console: Console, enabled: bool) -> Progress:
 
 def stream_generate(out: Console, folder: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
                     top_p: float, repetition_penalty: float, seed: int, num_loops: Optional[int], ep: str,
-                    threads: int) -> None:
-    """Continue `prompt` with the runtime, printing text as the tokens arrive."""
+                    threads: int, chat: bool = False) -> None:
+    """Continue `prompt` (or answer it under the chat template) with the runtime, printing text as it comes."""
+    from edgeloop.chat import prompt_ids
     from edgeloop.runtime import Runtime
     from edgeloop.runtime.session import ContextLengthError
 
     rt = Runtime(folder, ep=ep, threads=threads, num_loops=num_loops)
-    n = len(rt._tok().encode(prompt, add_special_tokens=False).ids)
-    if not n:
+    ids = prompt_ids(rt._tok(), folder, prompt, chat)
+    if not prompt or not ids:
         raise ValueError("--prompt is empty")
-    if n > rt.ctx:
-        raise ContextLengthError(f"the prompt has {n} tokens; the model's context is {rt.ctx}")
+    if len(ids) > rt.ctx:
+        raise ContextLengthError(f"the prompt has {len(ids)} tokens; the model's context is {rt.ctx}")
     text = TextStream(rt._tok(), lambda s: out.print(s, end="", highlight=False, soft_wrap=True))
-    out.print(prompt, end="", highlight=False)
-    rt.generate(prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop=None, seed=seed,
-                on_token=lambda row, t: text.push(t))
+    out.print(rt._tok().decode(ids) if chat else prompt, end="", highlight=False)
+    rt.generate_ids([ids], max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop=None, seed=seed,
+                    on_token=lambda row, t: text.push(t))
     out.print()
 
 
@@ -109,8 +110,8 @@ def run_bench(out: Console, err: Console, model_dir: Path, ep: str, threads: int
         rt = Runtime(model_dir, ep=ep, threads=threads, model_file=model_file)
         ids = evaluation_ids(model_dir, text, sweep_tokens)
         with _progress(err, not as_json) as bar:
-            task = bar.add_task("num_loops sweep", total=rt.r)
-            r["sweep"] = run_sweep(rt, ids, progress=lambda d, t: bar.update(task, completed=d))
+            task = bar.add_task("num_loops sweep", total=None)
+            r["sweep"] = run_sweep(rt, ids, progress=lambda d, t: bar.update(task, completed=d, total=t))
         if plot is not None:
             r["plot"] = str(plot_sweep(r["sweep"], plot, f"{model_dir.name}: elastic depth on {ep}"))
     if as_json:

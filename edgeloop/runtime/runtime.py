@@ -51,6 +51,7 @@ class Runtime:
         self.kv = Layout.of_manifest(self.manifest)  # the KV-cache convention (edgeloop.kv)
         self.n_layers: int = self.kv.layers
         self.r: int = int(self.manifest["num_loops"])
+        self.max_loops: int = int(self.manifest.get("max_loops") or self.r)  # num_loops may go up to this
         self.ctx: int = int(self.manifest["max_seq_len"])
         self.kv_heads, self.head_dim = self.kv.kv_heads, self.kv.head_dim
         self.n_begin, self.n_middle, self.n_end = self.kv.n_begin, self.kv.n_middle, self.kv.n_end
@@ -79,17 +80,25 @@ class Runtime:
             from tokenizers import Tokenizer
 
             self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
-        self.eos = self.tokenizer.token_to_id(EOT) if self.tokenizer is not None else None
-        self.pad = self.eos if self.eos is not None else 0
+        gen = self.manifest.get("generation")  # bos / eos / pad of the source folder (export/folder.py)
+        if gen and gen.get("eos_token_id"):
+            self.stop_ids: set[int] = {int(t) for t in gen["eos_token_id"]}
+            self.eos, self.pad = int(gen["eos_token_id"][0]), int(gen.get("pad_token_id", gen["eos_token_id"][0]))
+        else:  # exports from before manifest "generation": the tokenizer's <|endoftext|>
+            self.eos = self.tokenizer.token_to_id(EOT) if self.tokenizer is not None else None
+            self.stop_ids = set() if self.eos is None else {self.eos}
+            self.pad = self.eos if self.eos is not None else 0
         self._placement: dict | None = None
 
     # ---- the knobs ---------------------------------------------------------------------------
     def _loops(self, num_loops: int | None) -> int:
-        """The loop count to run: default r; 1..r when the export has the num_loops input."""
+        """The loop count to run: default r; 1..max_loops when the export has the num_loops input."""
         if num_loops is None:
             return getattr(self, "num_loops", self.r)
-        if isinstance(num_loops, bool) or not isinstance(num_loops, (int, np.integer)) or not 1 <= num_loops <= self.r:
-            raise RuntimeInputError(f"num_loops {num_loops!r}: must be an integer in 1..{self.r} (the trained r)")
+        top = self.max_loops
+        if isinstance(num_loops, bool) or not isinstance(num_loops, (int, np.integer)) or not 1 <= num_loops <= top:
+            what = "the trained r" if top == self.r else f"max_loops; trained around r = {self.r}"
+            raise RuntimeInputError(f"num_loops {num_loops!r}: must be an integer in 1..{top} ({what})")
         if num_loops != self.r and not self.has_num_loops:
             raise RuntimeInputError(f"num_loops {num_loops}: this export is unrolled (no num_loops input); "
                                     f"it always runs r = {self.r} loops")
@@ -127,7 +136,7 @@ class Runtime:
                  stop: Sequence[int] | None = None, seed: int = 0, num_loops: int | None = None,
                  on_token: Callable[[int, int], None] | None = None) -> Generation:
         """Continue one prompt or a batch (left-padded) through the KV cache. `stop`: token ids that end
-        a row (default: <|endoftext|>; () for none). `on_token(row, token_id)` streams each new token."""
+        a row (default: the folder's eos tokens, else <|endoftext|>; () for none). `on_token(row, token_id)` streams each new token."""
         batch = [prompts] if isinstance(prompts, str) else list(prompts)
         tok = self._tok()
         ids = [tok.encode(p, add_special_tokens=False).ids for p in batch]
@@ -152,7 +161,7 @@ class Runtime:
         longest = max(len(p) for p in rows)
         if longest > self.ctx:
             raise ContextLengthError(f"the prompt has {longest} tokens; the model's context is {self.ctx}")
-        stops = set(stop) if stop is not None else ({self.eos} if self.eos is not None else set())
+        stops = set(stop) if stop is not None else set(self.stop_ids)
         B, rng = len(rows), np.random.default_rng(seed)
         ids = np.full((B, longest), self.pad, np.int64)
         mask = np.zeros((B, longest), np.int64)
@@ -183,6 +192,13 @@ class Runtime:
             mask = np.concatenate([mask, np.ones((B, 1), np.int64)], 1)
         text = [self.tokenizer.decode(n) for n in new] if self.tokenizer is not None else [""] * B
         return Generation(new, text, [len(p) for p in rows], finish)
+
+    def chat(self, message: str) -> list[int]:
+        """Token ids of a chat prompt: one user message under the export's chat template (tokenizer_config.json),
+        ending with the assistant's turn."""
+        from edgeloop.chat import prompt_ids
+
+        return prompt_ids(self._tok(), self.folder, message, chat=True)
 
     # ---- perplexity ----------------------------------------------------------------------------
     def perplexity(self, ids: Sequence[int] | np.ndarray, ctx: int | None = None, stride: int | None = None,

@@ -32,3 +32,26 @@ class PreNorm(nn.Module):
         a, k, v = self.attn.emit(g, w, self.norm1.emit(g, w, x), ctx, past)
         x = g.Add(x, a)
         return g.Add(x, self.mlp.emit(g, w, self.norm2.emit(g, w, x))), k, v
+
+
+@register("block", "sandwich")
+class Sandwich(nn.Module):
+    """x = norm2(x + attn(norm1 x));  x = norm4(x + mlp(norm3 x))  (Huginn's sandwich block: the residual
+    stream itself is re-normalised after each sub-layer)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        d, eps = cfg.d_model, cfg.norm_eps
+        self.norm1, self.norm2, self.norm3, self.norm4 = (RMSNorm(d, eps) for _ in range(4))
+        self.attn = Attention(cfg)
+        self.mlp = build("mlp", cfg.mlp, cfg)
+
+    def forward(self, x, rope, mask, past):
+        a, present = self.attn(self.norm1(x), rope, mask, past)
+        x = self.norm2(x + a)
+        return self.norm4(x + self.mlp(self.norm3(x))), present
+
+    def emit(self, g, w, x, ctx, past):
+        a, k, v = self.attn.emit(g, w, self.norm1.emit(g, w, x), ctx, past)
+        x = self.norm2.emit(g, w, g.Add(x, a))
+        return self.norm4.emit(g, w, g.Add(x, self.mlp.emit(g, w, self.norm3.emit(g, w, x)))), k, v

@@ -36,3 +36,24 @@ class HalfSplit:
     def emit(self, g, x, cos, sin):
         x1, x2 = g.Split(x, axis=-1, num_outputs=2, _outputs=2)
         return g.Concat(g.Add(g.Mul(x1, cos), g.Mul(x2, sin)), g.Sub(g.Mul(x2, cos), g.Mul(x1, sin)), axis=-1)
+
+
+@register("rotary", "interleaved")
+class Interleaved:
+    """Pairs (2i, 2i + 1), rotated by +angle (Huginn; a complex multiply by e^{i angle}):
+    y[2i] = x[2i] cos - x[2i+1] sin,  y[2i+1] = x[2i+1] cos + x[2i] sin."""
+
+    def __init__(self, cfg):
+        pass
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        pairs = x.unflatten(-1, (-1, 2))
+        a, b = pairs[..., 0], pairs[..., 1]
+        return torch.stack([a * cos - b * sin, b * cos + a * sin], dim=-1).flatten(-2)
+
+    def emit(self, g, x, cos, sin):
+        pairs = g.Reshape(x, g.const([0, 0, 0, -1, 2]))  # [B, H, S, hd/2, 2]
+        a, b = (g.Squeeze(t, g.const([-1])) for t in g.Split(pairs, axis=-1, num_outputs=2, _outputs=2))
+        y = g.Concat(g.Unsqueeze(g.Sub(g.Mul(a, cos), g.Mul(b, sin)), g.const([-1])),
+                     g.Unsqueeze(g.Add(g.Mul(b, cos), g.Mul(a, sin)), g.const([-1])), axis=-1)
+        return g.Reshape(y, g.const([0, 0, 0, -1]))

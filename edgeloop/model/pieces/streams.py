@@ -50,7 +50,7 @@ class _Streams(nn.Module):
     def state_dims(self) -> list:
         return ["batch_size", "sequence_length", self.n, self.d]
 
-    def init(self, e):
+    def init(self, e, init_scale: float = 0.0):
         B, T, d = e.shape
         return e.unsqueeze(2).expand(B, T, self.n, d)
 
@@ -65,7 +65,7 @@ class _Streams(nn.Module):
     def collapse(self, Y):
         return Y.mean(-2) if self.collapse_kind == "mean" else Y.sum(-2)
 
-    def emit_init(self, g, e):
+    def emit_init(self, g, e, ctx):
         B_S = g.Shape(e, start=0, end=2)
         return g.Expand(g.Unsqueeze(e, g.const([2])), g.Concat(B_S, g.const([self.n, self.d]), axis=0))
 
@@ -166,8 +166,8 @@ class OneStream(nn.Module):
     def state_dims(self) -> list:
         return ["batch_size", "sequence_length", self.d]
 
-    def init(self, e):
-        return self.injection.init(e)
+    def init(self, e, init_scale: float = 0.0):
+        return self.injection.init(e, init_scale)
 
     def enter(self, s, e, l, inject):
         return self.injection.input(s, e, inject), None
@@ -178,8 +178,8 @@ class OneStream(nn.Module):
     def collapse(self, s):
         return s
 
-    def emit_init(self, g, e):
-        return self.injection.emit_init(g, e)
+    def emit_init(self, g, e, ctx):
+        return self.injection.emit_init(g, e, ctx)
 
     def emit_enter(self, g, w, s, e, l, inject):
         return self.injection.emit_input(g, w, s, e, inject), None
@@ -196,17 +196,18 @@ class OneStream(nn.Module):
 class Passthrough:
     """s0 = e;  u = s."""
     linear = False
+    random_start = False  # whether init() can draw a random state (init_scale > 0)
 
     def __init__(self, cfg):
-        pass
+        self.cfg = cfg
 
-    def init(self, e):
+    def init(self, e, init_scale: float = 0.0):
         return e
 
     def input(self, s, e, inject):
         return s
 
-    def emit_init(self, g, e):
+    def emit_init(self, g, e, ctx):
         return e
 
     def emit_input(self, g, w, s, e, inject):
@@ -217,16 +218,14 @@ class Passthrough:
 class Additive(Passthrough):
     """s0 = 0;  u = s + e."""
 
-    def init(self, e):
+    def init(self, e, init_scale: float = 0.0):
         return torch.zeros_like(e)
 
     def input(self, s, e, inject):
         return s + e
 
-    def emit_init(self, g, e):
-        from onnx_ir import tensor  # the ConstantOfShape value attribute is a tensor
-
-        return g.ConstantOfShape(g.Shape(e), value=tensor(np.zeros(1, np.float32)))
+    def emit_init(self, g, e, ctx):
+        return emit_zeros_like(g, e)
 
     def emit_input(self, g, w, s, e, inject):
         return g.Add(s, e)
@@ -242,3 +241,42 @@ class Inject(Passthrough):
 
     def emit_input(self, g, w, s, e, inject):
         return w.linear(g, g.Concat(e, s, axis=-1), inject)
+
+
+@register("injection", "adapter")
+class Adapter(Passthrough):
+    """u = W [s; e] (state first; W: the model's `inject` Linear [d, 2d]), s0 = 0, or with init_scale > 0
+    Huginn's random start: s0 = TruncNormal(0, sigma^2, +-3 sigma) * embed_scale, sigma = sqrt(2 / (5d)) * init_scale."""
+    linear = True
+    random_start = True
+
+    def sigma(self) -> float:
+        return math.sqrt(2 / (5 * self.cfg.d_model))
+
+    def init(self, e, init_scale: float = 0.0):
+        if not init_scale:
+            return torch.zeros_like(e)
+        std = self.sigma() * init_scale
+        x = torch.nn.init.trunc_normal_(torch.empty_like(e), 0.0, std, -3 * std, 3 * std)
+        return x * self.cfg.embed_scale
+
+    def input(self, s, e, inject):
+        return inject(torch.cat([s, e], dim=-1))
+
+    def emit_init(self, g, e, ctx):
+        """Zeros; in an export with a random start (ctx["init_scale"], the graph's float input), a standard
+        normal from RandomNormalLike (seeded) clipped to +-3 (a clipped, not resampled, truncation)."""
+        if "init_scale" not in ctx:
+            return emit_zeros_like(g, e)
+        z = g.Clip(g.RandomNormalLike(e, seed=float(ctx["seed"]), dtype=1), g.const(-3.0, np.float32),
+                   g.const(3.0, np.float32))
+        return g.Mul(z, g.Mul(ctx["init_scale"], g.const(self.sigma() * self.cfg.embed_scale, np.float32)))
+
+    def emit_input(self, g, w, s, e, inject):
+        return w.linear(g, g.Concat(s, e, axis=-1), inject)
+
+
+def emit_zeros_like(g, x):
+    from onnx_ir import tensor  # the ConstantOfShape value attribute is a tensor
+
+    return g.ConstantOfShape(g.Shape(x), value=tensor(np.zeros(1, np.float32)))
