@@ -127,13 +127,15 @@ def generate(
     threads: int = typer.Option(0, help="export folders: intra-op threads (0 = default)"),
     chat: bool = typer.Option(False, "--chat", help="the prompt is a user message: apply the folder's chat "
                               "template (tokenizer_config.json)"),
+    exit_threshold: Optional[float] = typer.Option(None, help="exit-gated models (Ouro): exit once the cumulative "
+                                                   "exit probability reaches this (>= 1: never early)"),
 ):
     """Continue a prompt, streaming text to the terminal (stopping at the folder's eos tokens)."""
     if (model_dir / "model.onnx").is_file():  # an export folder: the onnxruntime runtime
         from edgeloop.runtime.report import stream_generate
 
         stream_generate(out, model_dir, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                        seed, num_loops, ep, threads, chat)
+                        seed, num_loops, ep, threads, chat, exit_threshold)
         return
     from edgeloop.chat import prompt_ids
     from edgeloop.model.checkpoint import generation_tokens, load_tokenizer
@@ -150,7 +152,8 @@ def generate(
     out.print(tok.decode(ids) if chat else prompt, end="", highlight=False)
     text = TextStream(tok, lambda s: out.print(s, end="", highlight=False, soft_wrap=True))
     stop = set(generation_tokens(model_dir)["eos_token_id"])
-    for t in gen(model, ids, max_new_tokens, temperature, top_k, seed, num_loops, stop=stop):
+    for t in gen(model, ids, max_new_tokens, temperature, top_k, seed, num_loops, stop=stop,
+                 exit_threshold=exit_threshold):
         text.push(t)
     out.print()
 
@@ -178,6 +181,10 @@ def export_cmd(
     init_state: str = typer.Option("zeros", help="the loop state's start: zeros, or random (the injection's "
                                    "random start, e.g. Huginn's; an init_scale input, 0 = zeros)"),
     seed: int = typer.Option(0, help="--init-state random: the generator's seed"),
+    parity_loops: Optional[str] = typer.Option(None, help="parity check: loop counts, e.g. 1,4,8 (default r and r/2, "
+                                               "and 2r where more loops may run; 1,2 past 1B parameters)"),
+    parity_steps: Optional[int] = typer.Option(None, help="parity check: decode steps (default 16; 2 past 1B "
+                                               "parameters)"),
     overwrite: bool = typer.Option(False),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
@@ -189,7 +196,8 @@ def export_cmd(
         err.print("[bold yellow]warning:[/] --no-verify: the export is NOT parity-checked against PyTorch")
     ec = ExportConfig(format=format, accuracy_level=accuracy_level, unroll=unroll, max_seq_len=max_seq_len,
                       opset=opset, verify=verify, external_data=external_data, ort=ort, kv_policy=kv_policy,
-                      max_loops=max_loops, init_state=init_state, seed=seed)
+                      max_loops=max_loops, init_state=init_state, seed=seed, decode_steps=parity_steps,
+                      parity_loops=_ints("--parity-loops", parity_loops))
     with err.status("exporting") as status, temporary_checkpoint(in_dir, out_dir, overwrite) as src:
         s = export_checkpoint(src, out_dir, ec, overwrite=overwrite, source=in_dir,
                               progress=lambda msg: status.update(f"export: {msg}"))
@@ -206,7 +214,8 @@ def export_cmd(
     p = s["parity"]
     t.add_row("parity", "not checked" if p is None else
               f"max |logit error| {p['max_abs_err']:.2e} ≤ {p['tolerance']:g} vs {p['reference']} PyTorch "
-              f"(num_loops {', '.join(p['by_num_loops'])}; prefill + {ec.decode_steps} decode steps)")
+              f"(num_loops {', '.join(p['by_num_loops'])}; prefill + "
+              f"{next(iter(p['by_num_loops'].values()))['steps']} decode steps; a left-padded batch of two)")
     if s.get("ort"):
         o = s["ort"]
         t.add_row("ORT format", f"{o['file']} {o['bytes']:,} B ({o['style']}, {o['optimization']} optimizations; "
@@ -352,12 +361,14 @@ def eval_cmd(
     num_loops: Optional[int] = typer.Option(None, help="loops to run (≤ trained r; both models)"),
     batch_size: int = typer.Option(4, help="windows per onnxruntime call"),
     threads: int = typer.Option(0, help="intra-op threads (0 = default)"),
+    exit_threshold: Optional[float] = typer.Option(None, help="exit-gated models: the exit threshold (both models)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Perplexity of an export vs the fp32 PyTorch reference on the same tokens (drift, absolute and %)."""
     from edgeloop.runtime.report import run_eval
 
-    run_eval(out, err, model_dir, reference, ep, tokens, text, num_loops, batch_size, threads, as_json)
+    run_eval(out, err, model_dir, reference, ep, tokens, text, num_loops, batch_size, threads, as_json,
+             exit_threshold)
 
 
 @app.command()
@@ -374,13 +385,16 @@ def bench(
     sweep_tokens: int = typer.Option(2048, help="tokens of text per sweep perplexity"),
     text: Optional[Path] = typer.Option(None, help="text for the sweep (default: the demo validation split)"),
     ort: bool = typer.Option(False, "--ort", help="load model.ort (export --ort) instead of model.onnx"),
+    exit_threshold: Optional[float] = typer.Option(None, help="exit-gated models: the exit threshold to measure at "
+                                                   "(--sweep adds a threshold sweep)"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Memory footprint and latency of an export (fresh subprocess), and the elastic-depth sweep."""
     from edgeloop.runtime.report import run_bench
 
     run_bench(out, err, model_dir, ep, threads, prefill_tokens, decode_tokens, context, num_loops, reference, sweep,
-              plot, sweep_tokens, text, as_json, model_file="model.ort" if ort else "model.onnx")
+              plot, sweep_tokens, text, as_json, model_file="model.ort" if ort else "model.onnx",
+              exit_threshold=exit_threshold)
 
 
 @app.command("run")
@@ -388,7 +402,9 @@ def run_cmd(
     checkpoint: Path = typer.Argument(..., help="a float checkpoint folder"),
     out_dir: Path = typer.Option(..., "-o", "--out", help="folder for every stage's output and the report"),
     method: str = typer.Option("auto", help="gptq, rtn, or auto (gptq up to 1.5B parameters on CPU, rtn past "
-                               "that, said in the report)"), group_size: int = typer.Option(128),
+                               "that, said in the report)"),
+    group_size: Optional[int] = typer.Option(None, help="INT4 group size (default 128, or the largest of 64/32/16 "
+                                             "dividing every K: 32 for Huginn's d = 5280)"),
     sym: bool = typer.Option(False), format: str = typer.Option("matmulnbits", help="matmulnbits or qdq"),
     accuracy_level: int = typer.Option(4, help="MatMulNBits accuracy level: 4 (int8 activations, the fast CPU "
                                        "path) or 0 (fp32 compute)"), ep: str = typer.Option("cpu"),
@@ -435,6 +451,19 @@ def serve(
     from edgeloop.runtime.serve import serve as run_serve
 
     run_serve(model_dir, host, port, quiet=not verbose, say=lambda s: out.print(s, highlight=False, soft_wrap=True))
+
+
+def _ints(flag: str, text: Optional[str]) -> Optional[tuple[int, ...]]:
+    """'1,4,8' -> (1, 4, 8)."""
+    if text is None:
+        return None
+    try:
+        vals = tuple(int(t) for t in text.split(","))
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: comma-separated integers, e.g. 1,4,8") from None
+    if not vals or min(vals) < 1:
+        raise ValueError(f"{flag} {text!r}: loop counts are at least 1")
+    return vals
 
 
 def main() -> None:

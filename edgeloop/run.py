@@ -28,7 +28,7 @@ GPTQ_CPU_PARAMS = 1_500_000_000  # past this many parameters GPTQ calibration on
 @dataclass
 class RunConfig:
     method: str = "auto"  # gptq, rtn, or auto: gptq up to GPTQ_CPU_PARAMS parameters, rtn past them (said so)
-    group_size: int = 128
+    group_size: int | None = None  # None: 128, or the largest of 64 / 32 / 16 that divides every quantized K
     sym: bool = False
     format: str = "matmulnbits"
     accuracy_level: int = 4  # MatMulNBits int8 activations: ~3.5x faster CPU decode, same drift (bench_runtime)
@@ -67,7 +67,8 @@ def run(ckpt: str | Path, out: str | Path, rc: RunConfig, *, overwrite: bool = F
             raise ValueError(f"{ckpt} is already quantized: `edgeloop run` starts from a float checkpoint")
         provider_names(rc.ep)  # an unavailable provider fails before the long stages
         method, note = resolve_method(rc.method, load_config(ckpt))
-        qc = quant_config(method, group_size=rc.group_size, sym=rc.sym,
+        group_size = rc.group_size or auto_group_size(load_config(ckpt))
+        qc = quant_config(method, group_size=group_size, sym=rc.sym,
                           embedding_bits=rc.embedding_bits).validate()  # bad settings too
         if out.exists():
             shutil.rmtree(out)
@@ -108,13 +109,23 @@ def run(ckpt: str | Path, out: str | Path, rc: RunConfig, *, overwrite: bool = F
         rows = stage("sweep num_loops", do_sweep)
         plot_sweep(rows, out / "sweep.png", f"{source.name} INT4: elastic depth")
     report = {"checkpoint": str(source), "out": str(out), "imported": str(ckpt) if staged is not None else None,
-              "config": {**asdict(rc), "method": method}, "method_note": note, "seconds": round(time.time() - t0, 1),
+              "config": {**asdict(rc), "method": method, "group_size": group_size}, "method_note": note, "seconds": round(time.time() - t0, 1),
               "timings_s": timings, "quantize": _slim(quant), "export": {"int4": exp_int4, "fp32": exp_fp32},
               "eval": {"int4": drift, "fp32": drift_fp32}, "bench": bench,
               "int4_over_fp32": ratios(bench["int4"], bench["fp32"]), "sweep": rows}
     atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
     atomic_write_text(out / "report.md", report_md(report))
     return report
+
+
+def auto_group_size(cfg) -> int:
+    """128, or the largest smaller group size that divides the K of every tensor INT4 may take."""
+    from edgeloop.model.checkpoint import expected_tensors
+    from edgeloop.quantize.config import roles, row_shape
+
+    shapes, table = expected_tensors(cfg), roles(cfg)
+    ks = {row_shape(shapes[n], t)[-1] for n, t in table.items() if t.quantizable}
+    return next((g for g in (128, 64, 32, 16) if all(k % g == 0 for k in ks)), 128)
 
 
 def resolve_method(method: str, cfg) -> tuple[str, str | None]:

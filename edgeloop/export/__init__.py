@@ -16,6 +16,10 @@ from edgeloop.export.weights import FORMATS
 __all__ = ["FORMATS", "ExportConfig", "ExportError", "export_checkpoint"]
 
 
+PARITY_BUDGET = 2e10  # parameter-token products past which the default parity check is the short one: torch's
+                     # INT4 reference dequantizes every weight at every call (minutes per token at 3.5B x 32 loops)
+
+
 class ExportError(ValueError):
     """The export failed a check (parity, onnx.checker); nothing was written."""
 
@@ -29,7 +33,8 @@ class ExportConfig:
     opset: int = 21
     external_data: bool | None = None  # None: only when the graph would pass protobuf's 2 GB limit
     verify: bool = True
-    decode_steps: int = 16
+    decode_steps: int | None = None  # parity: decode steps after the prompt (None: 16, or 2 past PARITY_BUDGET)
+    parity_loops: tuple[int, ...] | None = None  # parity: loop counts (None: r, r/2 (and 2r); or 1, 2 past the budget)
     tolerance: float | None = None  # max |logit error| allowed; default by format (see default_tolerance)
     ort: bool = False  # also model.ort + required_operators.config (onnxruntime mobile / minimal builds)
     kv_policy: str | None = None  # "per-step" | "shared" KV slots across loops; None: the model's kv_policy

@@ -11,11 +11,12 @@ import onnx
 import onnx_ir as ir
 
 from edgeloop.export.graph import build
-from edgeloop.export.verify import PROMPT, padded_parity, parity, random_start
+from edgeloop.export.verify import PROMPT, has_num_loops, padded_parity, parity, random_start
 from edgeloop.export.weights import Weights
 from edgeloop.io import write_json
 from edgeloop.model.checkpoint import GENERATION_FILES, TOKENIZER_FILES, generation_tokens
 from edgeloop.model.config import HyperloopConfig
+from edgeloop.model.model import meta_model
 
 EXTERNAL_DATA_BYTES = 1_800_000_000  # protobuf's limit is 2 GB
 
@@ -90,11 +91,21 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
         so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", str(ec.accuracy_level))
         sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         tol = ec.tolerance if ec.tolerance is not None else default_tolerance(ec.format, ec.accuracy_level)
-        figures = parity(sess, ref, prompt, decode_steps=ec.decode_steps, policy=cfg.kv_policy)
-        padded = padded_parity(sess, ref, prompt, policy=cfg.kv_policy)
-        worst = max([f["max_abs_err"] for f in figures.values()] + [padded["max_abs_err"]])
+        loops, steps, short = parity_plan(cfg, ec, len(prompt))
+        if not has_num_loops(sess):  # unrolled: it always runs num_loops
+            loops = [cfg.num_loops]
+        figures = parity(sess, ref, prompt, decode_steps=steps, loop_counts=loops, policy=cfg.kv_policy)
+        padded = padded_parity(sess, ref, prompt, decode_steps=min(4, steps), policy=cfg.kv_policy,
+                               num_loops=min(loops) if has_num_loops(sess) else None)
+        early = {}
+        if cfg.exit_gate:  # the gate's early exit too: a threshold that stops loops, exit steps compared
+            early = {f"q={q}": f for q in (0.5,) for f in parity(sess, ref, prompt, decode_steps=steps,
+                                                                 loop_counts=[cfg.num_loops], policy=cfg.kv_policy,
+                                                                 exit_threshold=q).values()}
+        worst = max([f["max_abs_err"] for f in (*figures.values(), *early.values())] + [padded["max_abs_err"]])
         manifest["parity"] = {"tolerance": tol, "max_abs_err": worst, "by_num_loops": figures,
-                              "left_padded_batch": padded,
+                              "left_padded_batch": padded, **({"early_exit": early} if early else {}),
+                              **({"short": short} if short else {}),
                               "reference": "int4-dequantized" if raw.get("quantization_config") else "fp32"}
         if ec.init_state == "random":  # parity ran the zero state; the random one must be live and finite
             rs = manifest["parity"]["random_start"] = random_start(sess, cfg, prompt)
@@ -119,6 +130,32 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
     write_json(out / "config.json", optimum_config(cfg, manifest["generation"], raw))
     write_json(out / "manifest.json", manifest)
     return {k: manifest.get(k) for k in ("format", "unroll", "graph", "parity", "file_bytes", "effective_layers", "ort")}
+
+
+def parity_plan(cfg: HyperloopConfig, ec, prompt_tokens: int) -> tuple[list[int], int, str | None]:
+    """(loop counts, decode steps, why the check is short or None) of the parity check: the export's own
+    choice, else r and r / 2 (and 2r) with 16 decode steps, else, past PARITY_BUDGET parameter-tokens for the
+    PyTorch reference, 2 decode steps and then loop counts 1 and 2."""
+    from edgeloop.export import PARITY_BUDGET, ExportError
+    from edgeloop.export.verify import default_loop_counts
+
+    model = meta_model(cfg)
+    unique, middle = sum(p.numel() for p in model.parameters()), sum(p.numel() for p in model.middle.parameters())
+
+    def cost(loops, steps):
+        return sum(unique + (L - 1) * middle for L in loops) * (prompt_tokens + steps)
+
+    loops = sorted(set(ec.parity_loops), reverse=True) if ec.parity_loops else default_loop_counts(cfg)
+    steps = ec.decode_steps if ec.decode_steps is not None else 16
+    if max(loops) > cfg.loop_limit:
+        raise ExportError(f"--parity-loops {max(loops)}: beyond the export's max_loops {cfg.loop_limit}")
+    why = None
+    if ec.decode_steps is None and cost(loops, steps) > PARITY_BUDGET:
+        steps, why = 2, f"{cost(loops, 16):.2g} parameter-tokens for the PyTorch reference: 2 decode steps"
+        if ec.parity_loops is None and cost(loops, steps) > PARITY_BUDGET:
+            loops = sorted({min(2, cfg.num_loops), 1}, reverse=True)
+            why += f", loop counts {', '.join(map(str, loops))} (--parity-loops / --parity-steps for more)"
+    return loops, steps, why
 
 
 def versions() -> dict:

@@ -51,6 +51,8 @@ def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False, kv_policy: str
     model = meta_model(cfg)
     w.bind(model)
     kv = cfg.kv_layout(kv_policy)
+    if unroll and model.exit_gate is not None:
+        raise ValueError("--unroll: an exit-gated model needs the Loop (its condition is the exit)")
     if unroll and kv.num_loops != cfg.num_loops:
         raise ValueError(f"--unroll runs num_loops = {cfg.num_loops} only: max_loops {kv.num_loops} needs the Loop")
     g = GraphBuilder()
@@ -81,10 +83,14 @@ def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False, kv_policy: str
             presents.update({kv.slot(l, j): p for j, p in enumerate(pres)})
     else:
         num_loops = _scalar_input(g, "num_loops", cfg.num_loops, INT64, np.int64)  # default: the trained r
-        loop_fn = shared_loop if kv.shared else loop
-        state, presents_mid = loop_fn(g, w, model, kv, num_loops, state, e, ctx, past)
+        if model.exit_gate is not None:
+            ctx["exit_threshold"] = _scalar_input(g, "exit_threshold", cfg.early_exit_threshold, FLOAT, np.float32)
+            ctx["exit_at_step"] = _scalar_input(g, "exit_at_step", -1, INT64, np.int64)
+        state, presents_mid = loop(g, w, model, kv, num_loops, state, e, ctx, past)
         presents.update(presents_mid)
-    x = model.emit_collapse(g, w, state)
+    x = state if model.exit_gate is not None else model.hc.emit_collapse(g, state)
+    if cfg.post_loop_norm:
+        x = model.final_norm.emit(g, w, x)
     for j, blk in enumerate(model.end):
         x, *presents[kv.end_slot(j)] = blk.emit(g, w, x, ctx, past[kv.end_slot(j)])
     logits = model.emit_head(g, w, x)
@@ -93,7 +99,9 @@ def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False, kv_policy: str
     for i in range(kv.layers):
         for kind, t in zip(("key", "value"), presents[i]):
             outputs.append(typed(g.Identity(t), FLOAT, kv_present, present_name(i, kind)))
-    inputs += [v for v in (num_loops, init_scale) if v is not None]
+    if "exit_step" in ctx:
+        outputs.append(typed(g.Identity(ctx["exit_step"]), INT64, ["batch_size", "sequence_length"], "exit_step"))
+    inputs += [v for v in (num_loops, init_scale, ctx.get("exit_threshold"), ctx.get("exit_at_step")) if v is not None]
     return ir.Model(g.graph(inputs, outputs, "hyperloop"), ir_version=10, producer_name="edgeloop")
 
 
@@ -104,34 +112,6 @@ def _scalar_input(g: GraphBuilder, name: str, default, dtype: ir.DataType, np_dt
                  const_value=ir.tensor(np.array(default, np_dtype), name=name))
     g.root.initializers[name] = v
     return v
-
-
-def shared_loop(g: GraphBuilder, w: Weights, model: Hyperloop, kv: Layout, num_loops, state, e, ctx, past):
-    """The middle block as one Loop under the shared KV policy: every iteration's middle layer j attends
-    over past[slot j] plus its own new keys/values; those are carried through the Loop (no per-iteration
-    copies kept) and present.{slot j} = [past; the last iteration's]."""
-    nm, KV, hd = kv.n_middle, kv.kv_heads, kv.head_dim
-    b = g.sub("loop/")
-    it = typed(ir.Value(name=b.fresh("iter_num")), INT64, [])
-    cond = typed(ir.Value(name=b.fresh("cond")), BOOL, [])
-    s_in = typed(ir.Value(name=b.fresh("state")), FLOAT, model.hc.state_dims())
-    kv_new = ["batch_size", KV, "sequence_length", hd]
-    carried_in = [typed(ir.Value(name=b.fresh("kv")), FLOAT, kv_new) for _ in range(2 * nm)]  # last loop's k, v
-
-    def past_of(j):
-        return lambda bb, attend: attend(bb, *past[kv.slot(0, j)])
-
-    s_out, new = model.emit_step(b, w, s_in, e, it, ctx, [past_of(j) for j in range(nm)])
-    body_outs = [cond, typed(s_out, FLOAT, model.hc.state_dims())] + [typed(t, FLOAT, kv_new) for p in new for t in p]
-    body = b.graph([it, cond, s_in, *carried_in], body_outs, "middle_block")
-    B_S = g.Shape(e, start=0, end=2)
-    shape = g.Concat(g.Slice(B_S, g.const([0]), g.const([1])), g.const([KV]), g.Slice(B_S, g.const([1]), g.const([2])),
-                     g.const([hd]), axis=0)
-    zeros = g.ConstantOfShape(shape, value=ir.tensor(np.zeros(1, np.float32)))
-    outs = g.Loop(num_loops, g.const(True, np.bool_), state, *[zeros] * (2 * nm), body=body, _outputs=1 + 2 * nm)
-    presents = {kv.slot(0, j): tuple(g.Concat(past[kv.slot(0, j)][c], outs[1 + 2 * j + c], axis=2) for c in range(2))
-                for j in range(nm)}
-    return outs[0], presents
 
 
 def by_loop(g: GraphBuilder, it, r: int, branch):
@@ -153,30 +133,74 @@ def by_loop(g: GraphBuilder, it, r: int, branch):
 
 
 def loop(g: GraphBuilder, w: Weights, model: Hyperloop, kv: Layout, num_loops, state, e, ctx, past):
-    """The middle block as one Loop node; returns (final state, {slot: (present_k, present_v)}).
-    Inside the body, middle layer j attends to past[slot(iter_num, j)] (picked by by_loop); each
-    iteration's NEW keys/values leave as scan outputs and present.{slot} = [past; new] is built after."""
-    r, nm = kv.num_loops, kv.n_middle
-    num_loops = g.Min(num_loops, g.const(r)) if r != model.cfg.num_loops else num_loops  # the slots cover r
+    """The middle block as one Loop node; returns (the final state, or with an exit gate each token's collapsed
+    output, {slot: (present_k, present_v)}).
+    per-step: middle layer j attends to past[slot(iter_num, j)] (picked by by_loop); each iteration's NEW
+    keys/values leave as scan outputs and present.{slot} = [past; new] is built after the Loop.
+    shared: middle layer j attends to past[slot j]; its new keys/values are carried through the Loop and
+    present.{slot j} = [past; the last iteration's].
+    With an exit gate the Loop's condition stops it once every token has exited (ctx: exit_threshold,
+    exit_at_step), the gate's carried values pick each token's output, and per-step slots of the loops
+    skipped that way get the last iteration's keys/values (the "latest" fill); ctx["exit_step"] is set."""
+    r, nm, KV, hd = kv.num_loops, kv.n_middle, kv.kv_heads, kv.head_dim
+    if not kv.shared and r != model.cfg.num_loops:
+        num_loops = g.Min(num_loops, g.const(r))  # the slots cover r
+    gate = model.exit_gate
     b = g.sub("loop/")
     it = typed(ir.Value(name=b.fresh("iter_num")), INT64, [])
     cond = typed(ir.Value(name=b.fresh("cond")), BOOL, [])
     state_shape = model.hc.state_dims()
     s_in = typed(ir.Value(name=b.fresh("state")), FLOAT, state_shape)
+    kv_new = ["batch_size", KV, "sequence_length", hd]
+    gate_dims = [["batch_size", "sequence_length"]] * 2 + [["batch_size", "sequence_length"]] * 2 + \
+        [["batch_size", "sequence_length", model.cfg.d_model]]
+    gate_in = [typed(ir.Value(name=b.fresh("exit")), t, dims) for t, dims in
+               zip((FLOAT, FLOAT, BOOL, INT64, FLOAT), gate_dims)] if gate is not None else []
+    kv_in = [typed(ir.Value(name=b.fresh("kv")), FLOAT, kv_new) for _ in range(2 * nm)] if kv.shared else []
 
     def past_of(j):
+        if kv.shared:
+            return lambda bb, attend: attend(bb, *past[kv.slot(0, j)])
         return lambda bb, attend: by_loop(bb, it, r, lambda lb, l: attend(lb, *past[kv.slot(l, j)]))
 
     s_out, new = model.emit_step(b, w, s_in, e, it, ctx, [past_of(j) for j in range(nm)])
-    kv_new = ["batch_size", kv.kv_heads, "sequence_length", kv.head_dim]
-    body_outs = [cond, typed(s_out, FLOAT, state_shape)]
-    body_outs += [typed(t, FLOAT, kv_new) for kv in new for t in kv]  # values made in the body: no Identity copies
-    body = b.graph([it, cond, s_in], body_outs, "middle_block")
-    outs = g.Loop(num_loops, g.const(True, np.bool_), state, body=body, _outputs=1 + 2 * nm)
-    final, scans = outs[0], outs[1:]  # scans[2j + c]: [num_loops, B, KV, S, hd]
-    # present.{slot}: one If picks the common all-loops-ran path; only when num_loops < r does a slot
-    # choose between [past; its scan row] and its past passed through unchanged
+    more = cond
+    gate_out = []
+    if gate is not None:
+        gate_out, more = gate.emit_update(b, w, gate_in, model.hc.emit_collapse(b, s_out), it, num_loops,
+                                          ctx["exit_threshold"], ctx["exit_at_step"])
+    body_outs = [more, typed(s_out, FLOAT, state_shape)]
+    body_outs += [typed(v, t, dims) for v, t, dims in zip(gate_out, (FLOAT, FLOAT, BOOL, INT64, FLOAT), gate_dims)]
+    body_outs += [typed(t, FLOAT, kv_new) for p in new for t in p]  # values made in the body: no Identity copies
+    body = b.graph([it, cond, s_in, *gate_in, *kv_in], body_outs, "middle_block")
+    init = [state] + (gate.emit_start(g, e) if gate is not None else [])
+    if kv.shared:
+        B_S = g.Shape(e, start=0, end=2)
+        shape = g.Concat(g.Slice(B_S, g.const([0]), g.const([1])), g.const([KV]),
+                         g.Slice(B_S, g.const([1]), g.const([2])), g.const([hd]), axis=0)
+        init += [g.ConstantOfShape(shape, value=ir.tensor(np.zeros(1, np.float32)))] * (2 * nm)
+    outs = g.Loop(num_loops, g.const(True, np.bool_), *init, body=body, _outputs=1 + len(gate_in) + 2 * nm)
+    final, exits, kvs = outs[0], outs[1:1 + len(gate_in)], outs[1 + len(gate_in):]
+    if gate is not None:
+        ctx["exit_step"] = exits[3]
+        final = exits[4]  # each token's output at the loop it exited at (the collapsed state)
+    if kv.shared:
+        return final, {kv.slot(0, j): tuple(g.Concat(past[kv.slot(0, j)][c], kvs[2 * j + c], axis=2) for c in range(2))
+                       for j in range(nm)}
+    return final, route_presents(g, kv, num_loops, kvs, past, latest=gate is not None)
+
+
+def route_presents(g: GraphBuilder, kv: Layout, num_loops, scans, past, latest: bool) -> dict:
+    """present.{slot} from the Loop's scan outputs (scans[2j + c]: [iterations, B, KV, S, hd]). One If picks
+    the common all-loops-ran path; otherwise each slot takes [past; its scan row] when its loop ran, its
+    past unchanged when its loop is past num_loops, and, with `latest`, [past; the last scan row] when the
+    exit gate stopped the Loop before it."""
+    r, nm = kv.num_loops, kv.n_middle
     slots = [(l, j, c) for l in range(r) for j in range(nm) for c in range(2)]
+    ran = num_loops
+    if latest:  # the iterations the Loop ran (the exit gate can stop it before num_loops)
+        ran = g.Squeeze(g.Shape(scans[0], start=0, end=1), g.const([0]))
+        last = g.Sub(ran, g.const(1))
     kv_shape = ["batch_size", kv.kv_heads, "total_sequence_length", kv.head_dim]
     all_b, some_b = g.sub("all_loops/"), g.sub("some_loops/")
     rows = {}
@@ -195,14 +219,21 @@ def loop(g: GraphBuilder, w: Weights, model: Hyperloop, kv: Layout, num_loops, s
         pst = past[kv.slot(l, j)][c]
         t_out = typed(then_b.Concat(pst, then_b.Gather(scans[2 * j + c], then_b.const(l), axis=0), axis=2),
                       FLOAT, kv_shape)
-        e_out = typed(else_b.Identity(pst), FLOAT, kv_shape)
-        some_outs.append(typed(some_b.If(some_b.Less(some_b.const(l), num_loops),
+        if latest:  # a loop the gate skipped: [past; the last iteration's]; a loop past num_loops: its past
+            lat_b, skip_b = else_b.sub("latest/"), else_b.sub("skipped/")
+            lat = typed(lat_b.Concat(pst, lat_b.Gather(scans[2 * j + c], last, axis=0), axis=2), FLOAT, kv_shape)
+            skip = typed(skip_b.Identity(pst), FLOAT, kv_shape)
+            e_out = typed(else_b.If(else_b.Less(else_b.const(l), num_loops), then_branch=lat_b.graph([], [lat], "latest"),
+                                    else_branch=skip_b.graph([], [skip], "skipped")), FLOAT, kv_shape)
+        else:
+            e_out = typed(else_b.Identity(pst), FLOAT, kv_shape)
+        some_outs.append(typed(some_b.If(some_b.Less(some_b.const(l), ran),
                                          then_branch=then_b.graph([], [t_out], "ran"),
                                          else_branch=else_b.graph([], [e_out], "skipped")), FLOAT, kv_shape))
-    outs = g.If(g.Equal(num_loops, g.const(r)), then_branch=all_b.graph([], all_outs, "all_loops"),
+    outs = g.If(g.Equal(ran, g.const(r)), then_branch=all_b.graph([], all_outs, "all_loops"),
                 else_branch=some_b.graph([], some_outs, "some_loops"), _outputs=len(slots))
     outs = [outs] if len(slots) == 1 else outs
     presents: dict[int, list] = {}
     for (l, j, c), v in zip(slots, outs):
         presents.setdefault(kv.slot(l, j), [None, None])[c] = v
-    return final, {k: tuple(v) for k, v in presents.items()}
+    return {k: tuple(v) for k, v in presents.items()}

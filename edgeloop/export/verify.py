@@ -18,9 +18,9 @@ def empty_past(cfg: HyperloopConfig, batch: int = 1, policy: str | None = None) 
 
 
 def feeds_for(cfg, ids: np.ndarray, past: dict, num_loops: int | None, has_loop_input: bool,
-              mask: np.ndarray | None = None) -> dict:
+              mask: np.ndarray | None = None, exit_threshold: float | None = None) -> dict:
     """ORT feeds for new tokens `ids` [B, S] after `past`: no padding, or `mask` [B, P+S] (0 = left padding,
-    positions = cumsum(mask) - 1)."""
+    positions = cumsum(mask) - 1); the exit gate's threshold where one is given."""
     B, S = ids.shape
     P = Layout.of_config(cfg).past_length(past)  # slot 0 of loop 0: the same under either policy
     if mask is None:
@@ -29,6 +29,8 @@ def feeds_for(cfg, ids: np.ndarray, past: dict, num_loops: int | None, has_loop_
     f = {"input_ids": ids.astype(np.int64), "attention_mask": mask.astype(np.int64), "position_ids": pos, **past}
     if has_loop_input and num_loops is not None:
         f["num_loops"] = np.array(num_loops, np.int64)
+    if exit_threshold is not None:
+        f["exit_threshold"] = np.array(exit_threshold, np.float32)
     return f
 
 
@@ -66,37 +68,51 @@ def default_loop_counts(cfg: HyperloopConfig) -> list[int]:
 
 @torch.no_grad()
 def parity(session, model: Hyperloop, prompt_ids: list[int], decode_steps: int = 16,
-           loop_counts: list[int] | None = None, policy: str | None = None) -> dict:
+           loop_counts: list[int] | None = None, policy: str | None = None,
+           exit_threshold: float | None = None) -> dict:
     """Max |logit error| between onnxruntime and PyTorch per loop count, prefill + decode (KV slots under
-    `policy`, default the model's)."""
+    `policy`, default the model's). With an exit gate, under `exit_threshold` (default the model's), the
+    exit steps must match too (a mismatch counts as an infinite error)."""
     cfg = model.cfg
     has_loop_input = has_num_loops(session)
     if loop_counts is None:
         loop_counts = default_loop_counts(cfg) if has_loop_input else [cfg.num_loops]
     names = [o.name for o in session.get_outputs()]
+    gated = "exit_step" in names
     result = {}
     for L in loop_counts:
         cache, past = KVCache(cfg, policy), empty_past(cfg, 1, policy)
         ids = np.asarray([prompt_ids], np.int64)
-        err, max_logit = 0.0, 0.0
+        err, max_logit, steps = 0.0, 0.0, []
         for _ in range(decode_steps + 1):
-            ref = model(torch.from_numpy(ids), num_loops=L, cache=cache)[:, -ids.shape[1]:].numpy()
-            outs = session.run(names, {**feeds_for(cfg, ids, past, L, has_loop_input), **zero_state(session)})
-            got = outs[names.index("logits")]
+            S = ids.shape[1]
+            ref, ref_exit = model(torch.from_numpy(ids), num_loops=L, cache=cache, exit_threshold=exit_threshold,
+                                  return_exit=True)
+            feeds = feeds_for(cfg, ids, past, L, has_loop_input, exit_threshold=exit_threshold if gated else None)
+            outs = session.run(names, {**feeds, **zero_state(session)})
+            got, ref = outs[names.index("logits")], ref[:, -S:].numpy()
             err = max(err, float(np.abs(got - ref).max()))
+            if gated:
+                got_exit = outs[names.index("exit_step")]
+                steps.append(int(got_exit.max()) + 1)
+                if not np.array_equal(got_exit, ref_exit.numpy()):
+                    err = float("inf")
             max_logit = max(max_logit, float(np.abs(ref).max()))
             past = {**past, **presents_to_past(names, outs)}
             ids = ref[:, -1:].argmax(-1).astype(np.int64)
         result[str(L)] = {"max_abs_err": err, "max_abs_logit": max_logit, "steps": decode_steps,
                           "prompt_tokens": len(prompt_ids)}
+        if gated:
+            result[str(L)]["loops_run"] = steps  # per forward: the prefill, then each decode step
     return result
 
 
 @torch.no_grad()
 def padded_parity(session, model: Hyperloop, prompt_ids: list[int], decode_steps: int = 4,
-                  policy: str | None = None) -> dict:
+                  policy: str | None = None, num_loops: int | None = None) -> dict:
     """The same check on a batch of two prompts, the second (a shorter one) left-padded: prefill + decode
-    through the KV cache with the attention mask; errors over the real (unpadded) positions only."""
+    through the KV cache with the attention mask at `num_loops` (default r); errors over the real (unpadded)
+    positions only."""
     cfg = model.cfg
     a = list(prompt_ids)
     b = a[len(a) // 2:] or a[:1]
@@ -108,8 +124,9 @@ def padded_parity(session, model: Hyperloop, prompt_ids: list[int], decode_steps
     err, max_logit = 0.0, 0.0
     for step in range(decode_steps + 1):
         S = ids.shape[1]
-        ref = model(torch.from_numpy(ids), cache=cache, attention_mask=torch.from_numpy(mask)).numpy()
-        outs = session.run(names, {**feeds_for(cfg, ids, past, None, False, mask), **zero_state(session)})
+        ref = model(torch.from_numpy(ids), cache=cache, attention_mask=torch.from_numpy(mask), num_loops=num_loops).numpy()
+        outs = session.run(names, {**feeds_for(cfg, ids, past, num_loops, has_num_loops(session), mask),
+                                   **zero_state(session)})
         got = outs[names.index("logits")]
         real = mask[:, -S:].astype(bool)  # padded query rows are not compared
         err = max(err, float(np.abs(got - ref)[real].max()))
@@ -118,4 +135,5 @@ def padded_parity(session, model: Hyperloop, prompt_ids: list[int], decode_steps
         ids = ref[:, -1:].argmax(-1).astype(np.int64)
         mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
     return {"max_abs_err": err, "max_abs_logit": max_logit, "steps": decode_steps, "batch": 2,
+            "num_loops": num_loops or cfg.num_loops,
             "prompt_tokens": [len(a), len(b)], "left_padding": [0, pad]}

@@ -49,6 +49,9 @@ class HyperloopConfig:
     embed_norm: bool = False  # x = RMSNorm(embed(tokens))
     embed_scale: float = 1.0  # x = embed(tokens) * embed_scale (Huginn: sqrt(d))
     post_loop_norm: bool = False  # x = final_norm(x) after the last loop too (Huginn's ln_f, used twice)
+    norm_each_loop: bool = False  # final_norm after EVERY loop, fed to the next and read by the head (Ouro)
+    exit_gate: bool = False  # a learned exit gate after every loop (Ouro; needs n_end = 0 and hc "none")
+    early_exit_threshold: float = 1.0  # the exit gate's default threshold q (>= 1: never exit early)
     logit_softcap: float = 0.0  # 0 = off, else softcap * tanh(logits / softcap)
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
@@ -118,6 +121,11 @@ class HyperloopConfig:
             raise bad("max_loops", f"must be 0 or at least num_loops={self.num_loops}")
         if self.max_loops > self.num_loops and self.has_loop_params:
             raise bad("max_loops", "per-loop parameters (hyper-connections, loop embeddings) exist for num_loops only")
+        if self.exit_gate and (self.hc != "none" or self.n_end):
+            raise bad("exit_gate", "an exit gate needs hc 'none' and no end block (n_end = 0): the head reads the "
+                                   "loop's output directly")
+        if self.norm_each_loop and (self.hc != "none" or self.post_loop_norm):
+            raise bad("norm_each_loop", "needs hc 'none' and excludes post_loop_norm")
         if self.collapse not in COLLAPSES:
             raise bad("collapse", f"must be one of {COLLAPSES}")
         if self.d_model % self.n_heads:
@@ -130,7 +138,7 @@ class HyperloopConfig:
             raise bad("n_streams", "must be 1 when hc is 'none'")
         if self.hc != "none" and self.injection != "passthrough":
             raise bad("injection", "injection modes apply only to hc='none'")
-        for name in ("logit_softcap", "rope_theta", "norm_eps", "embed_scale"):
+        for name in ("logit_softcap", "rope_theta", "norm_eps", "embed_scale", "early_exit_threshold"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise bad(name, "must be a finite non-negative number")
@@ -138,7 +146,7 @@ class HyperloopConfig:
             if getattr(self, name) <= 0:
                 raise bad(name, "must be positive")
         for name in ("middle_norm", "loop_embedding", "qk_norm", "qk_bias", "embed_norm", "tie_embeddings", "rope_bf16",
-                     "post_loop_norm"):
+                     "post_loop_norm", "norm_each_loop", "exit_gate"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
         return self
@@ -197,6 +205,10 @@ PRESETS: dict[str, HyperloopConfig] = {
                                    injection="adapter", block="sandwich", rotary="interleaved", qk_bias=True,
                                    qk_norm=False, loop_embedding=False, embed_scale=8.0, post_loop_norm=True,
                                    rope_theta=50000.0, mlp_hidden=128, max_seq_len=128),
+    "test-ouro": HyperloopConfig(vocab_size=320, d_model=64, n_heads=4, n_kv_heads=2, n_begin=0, n_middle=2, n_end=0,
+                                 num_loops=4, hc="none", n_streams=1, injection="passthrough", block="prepost",
+                                 rotary="neox", qk_norm=False, loop_embedding=False, norm_each_loop=True,
+                                 exit_gate=True, tie_embeddings=False, mlp_hidden=128, max_seq_len=128),
     "test-standard": HyperloopConfig(vocab_size=320, d_model=64, n_heads=4, n_kv_heads=1, n_begin=1,
                                      n_middle=2, n_end=1, num_loops=1, hc="none", n_streams=1,
                                      loop_embedding=False, qk_norm=False, mlp_hidden=128, max_seq_len=128),

@@ -13,7 +13,7 @@ from edgeloop.strided import windows
 
 @torch.no_grad()
 def perplexity(model: Hyperloop, ids: np.ndarray, ctx: int | None = None, stride: int | None = None,
-               num_loops: int | None = None) -> tuple[float, int]:
+               num_loops: int | None = None, exit_threshold: float | None = None) -> tuple[float, int]:
     """exp(mean NLL) over `ids` with strided windows; returns (ppl, tokens scored)."""
     ctx = ctx or model.cfg.max_seq_len
     stride = stride or ctx // 2
@@ -21,7 +21,7 @@ def perplexity(model: Hyperloop, ids: np.ndarray, ctx: int | None = None, stride
     nll, count = 0.0, 0
     for begin, end, scored in windows(len(ids_t), ctx, stride):
         x = ids_t[begin:end].unsqueeze(0)
-        logits = model(x[:, :-1], num_loops=num_loops)[0, scored - begin - 1:]
+        logits = model(x[:, :-1], num_loops=num_loops, exit_threshold=exit_threshold)[0, scored - begin - 1:]
         target = ids_t[scored:end]
         nll += F.cross_entropy(logits.float(), target, reduction="sum").item()
         count += len(target)
@@ -29,8 +29,22 @@ def perplexity(model: Hyperloop, ids: np.ndarray, ctx: int | None = None, stride
 
 
 @torch.no_grad()
+def decode_perplexity(model: Hyperloop, ids: np.ndarray, policy: str | None = None, num_loops: int | None = None,
+                      exit_threshold: float | None = None) -> tuple[float, int]:
+    """exp(mean NLL) of ids[1:] fed one token at a time through a KVCache under `policy` (per-step or shared);
+    returns (ppl, tokens scored)."""
+    ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64))[: model.cfg.max_seq_len]
+    cache, nll = KVCache(model.cfg, policy), 0.0
+    for t in range(len(ids_t) - 1):
+        logits = model(ids_t[None, t:t + 1], num_loops=num_loops, cache=cache, exit_threshold=exit_threshold)[0]
+        nll += F.cross_entropy(logits.float(), ids_t[t + 1:t + 2], reduction="sum").item()
+    return math.exp(nll / (len(ids_t) - 1)), len(ids_t) - 1
+
+
+@torch.no_grad()
 def generate(model: Hyperloop, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
-             top_k: int = 0, seed: int = 0, num_loops: int | None = None, stop: set[int] | None = None):
+             top_k: int = 0, seed: int = 0, num_loops: int | None = None, stop: set[int] | None = None,
+             exit_threshold: float | None = None):
     """Yield new token ids one by one through the KV cache (greedy when temperature == 0)."""
     g = torch.Generator().manual_seed(seed)
     cache = KVCache(model.cfg)
@@ -38,7 +52,7 @@ def generate(model: Hyperloop, ids: list[int], max_new_tokens: int, temperature:
     for _ in range(max_new_tokens):
         if cache.length + x.shape[1] > model.cfg.max_seq_len:
             break
-        logits = model(x, num_loops=num_loops, cache=cache)[0, -1]
+        logits = model(x, num_loops=num_loops, cache=cache, exit_threshold=exit_threshold)[0, -1]
         if temperature <= 0:
             nxt = int(logits.argmax())
         else:

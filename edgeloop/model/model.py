@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from edgeloop.model.config import HyperloopConfig
 from edgeloop.model.pieces import build
+from edgeloop.model.pieces.exit import ExitGate
 from edgeloop.model.pieces.norm import RMSNorm, rms_norm  # noqa: F401  (re-exported)
 from edgeloop.model.pieces.rotary import rope_tables
 from edgeloop.model.pieces.streams import sinkhorn  # noqa: F401  (re-exported)
@@ -79,6 +80,7 @@ class Hyperloop(nn.Module):
         self.loop_embed = nn.Parameter(torch.zeros(cfg.num_loops, d)) if cfg.loop_embedding else None
         self.middle_norm = RMSNorm(d, cfg.norm_eps) if cfg.middle_norm else None
         self.final_norm = RMSNorm(d, cfg.norm_eps)
+        self.exit_gate = ExitGate(cfg) if cfg.exit_gate else None
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(d, cfg.vocab_size, bias=False)
         self.register_buffer("rope_cos", torch.empty(0), persistent=False)
         self.register_buffer("rope_sin", torch.empty(0), persistent=False)
@@ -111,10 +113,15 @@ class Hyperloop(nn.Module):
     # ---- the forward -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, num_loops: int | None = None, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                init_scale: float = 0.0) -> torch.Tensor:
+                init_scale: float = 0.0, exit_threshold: float | None = None, exit_at_step: int | None = None,
+                return_exit: bool = False):
         """input_ids [B, S] -> logits [B, S, V] (fp32). `cache` is extended in place (its policy: per-step
         or shared slots). attention_mask [B, P+S] (1 = token, 0 = left padding); position_ids [B, S] default
-        from it. init_scale > 0: the injection's random start (where it has one; torch's RNG)."""
+        from it. init_scale > 0: the injection's random start (where it has one; torch's RNG).
+        With an exit gate (pieces/exit.py): each token's logits come from the loop it exits at (threshold
+        exit_threshold, default the config's; or exit_at_step), and the loops stop once every token of the
+        call has exited; per-step slots of the loops that were skipped then get the last loop's keys/values
+        (the "latest" fill). return_exit: (logits, the loop each token exited at [B, S])."""
         cfg = self.cfg
         r = cfg.num_loops if num_loops is None else int(num_loops)
         if not 1 <= r <= cfg.loop_limit:
@@ -142,13 +149,36 @@ class Hyperloop(nn.Module):
         state = self.hc.init(e, init_scale)
         shared = None if cache is None or not cache.layout.shared else \
             [cache.slots[cache.layout.slot(0, j)] for j in range(cfg.n_middle)]  # every loop attends to these
+        gate = self.exit_gate.start(e) if self.exit_gate is not None else None
+        q = cfg.early_exit_threshold if exit_threshold is None else float(exit_threshold)
+        at = exit_at_step if exit_at_step is not None and 0 <= exit_at_step < r else None
         for l in range(r):
             state = self.step(state, e, l, rope, mask, cache, shared)
-        x = self.hc.collapse(state)
+            if gate is not None:
+                gate = self.exit_gate.update(gate, self.hc.collapse(state), l, l == r - 1, q, at)
+                if l < r - 1 and bool(gate["exited"].all()):  # every token has exited: the loops stop
+                    self._latest_fill(cache, l + 1, r, S)
+                    break
+        x = self.hc.collapse(state) if gate is None else gate["out"]
         if cfg.post_loop_norm:
             x = self.final_norm(x)
         x = self._run(self.end, x, cache.layout.end_slot(0) if cache is not None else 0, rope, mask, cache)
-        return self.head(x)
+        logits = self.head(x)
+        if return_exit:
+            return logits, gate["step"] if gate is not None else torch.full((B, S), r - 1, dtype=torch.long)
+        return logits
+
+    def _latest_fill(self, cache, ran: int, r: int, S: int) -> None:
+        """Per-step slots of loops ran..r-1 (skipped by the exit) get loop ran-1's new keys/values."""
+        if cache is None or cache.layout.shared:
+            return
+        for j in range(self.cfg.n_middle):
+            k, v = cache.slots[cache.layout.slot(ran - 1, j)]
+            new = (k[:, :, -S:], v[:, :, -S:])
+            for l in range(ran, r):
+                old = cache.slots[cache.layout.slot(l, j)]
+                cache.slots[cache.layout.slot(l, j)] = new if old is None else \
+                    (torch.cat([old[0], new[0]], 2), torch.cat([old[1], new[1]], 2))
 
     def step(self, state, e, l: int, rope, mask, cache, shared=None):
         """One loop: u from the state, o = middle(u), the state update. `shared`: the middle blocks' pasts
@@ -160,11 +190,13 @@ class Hyperloop(nn.Module):
         o = self._run(self.middle, u, first, rope, mask, cache, shared)
         if self.middle_norm is not None:
             o = self.middle_norm(o)
+        if self.cfg.norm_each_loop:
+            o = self.final_norm(o)
         return self.hc.leave(state, o, l, mix)
 
     def head(self, x):
-        """logits = lm_head(final_norm x) (tied: x E^T), optionally soft-capped."""
-        x = self.final_norm(x)
+        """logits = lm_head(final_norm x) (tied: x E^T), optionally soft-capped (norm_each_loop: x is normed)."""
+        x = x if self.cfg.norm_each_loop else self.final_norm(x)
         logits = self.lm_head(x) if self.lm_head is not None else x @ self.embed.weight.t()
         c = self.cfg.logit_softcap
         return c * torch.tanh(logits / c) if c > 0 else logits
@@ -209,14 +241,13 @@ class Hyperloop(nn.Module):
             presents.append((k, v))
         if self.middle_norm is not None:
             o = self.middle_norm.emit(g, w, o)
+        if self.cfg.norm_each_loop:
+            o = self.final_norm.emit(g, w, o)
         return self.hc.emit_leave(g, w, state, o, l, mix), presents
 
-    def emit_collapse(self, g, w, state):
-        x = self.hc.emit_collapse(g, state)
-        return self.final_norm.emit(g, w, x) if self.cfg.post_loop_norm else x
-
     def emit_head(self, g, w, x):
-        logits = w.lm_head(g, self.final_norm.emit(g, w, x), self.lm_head, self.embed)
+        x = x if self.cfg.norm_each_loop else self.final_norm.emit(g, w, x)
+        logits = w.lm_head(g, x, self.lm_head, self.embed)
         c = self.cfg.logit_softcap
         if c > 0:
             cc = g.const(c, np.float32)
@@ -257,6 +288,8 @@ class Hyperloop(nn.Module):
         if self.middle_norm is not None:
             out["middle_norm.weight"] = Tensor("norm")
         out["final_norm.weight"] = Tensor("norm")
+        if self.exit_gate is not None:  # tiny, and the exit decision rides on it: never INT4
+            out["exit_gate.weight"], out["exit_gate.bias"] = Tensor("gate"), Tensor("gate")
         if self.lm_head is not None:
             out["lm_head.weight"] = Tensor("lm_head", True)
         stored = set(self.state_dict())

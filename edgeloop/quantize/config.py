@@ -162,6 +162,8 @@ def tensor_policy(name: str, info: Tensor, cfg: HyperloopConfig, q: QuantConfig)
         return False, "norm weight (never INT4)"
     if info.role == "bias":
         return False, "linear bias (never INT4)"
+    if info.role == "gate":
+        return False, "exit gate (never INT4: tiny, and the exit decision rides on it)"
     if info.role == "embedding":
         tied = " and tied lm_head" if cfg.tie_embeddings else ""
         if q.quantize_embedding:

@@ -83,10 +83,19 @@ def _packed_items(name: str, packed: tuple) -> list[tuple[str, torch.Tensor]]:
     return [(f"{prefix(name)}.{p}", t) for p, t in parts]
 
 
+RTN_CHUNK_ELEMENTS = 1 << 24  # rows are quantized in chunks of ~16M elements: bounded temporaries
+
+
 def rtn_tensor(name: str, w: torch.Tensor, q: QuantConfig, cfg: HyperloopConfig) -> tuple:
-    """Packed RTN of one stored tensor, as rows [..., N, K] (hc matrices [r, K, N] as w[l]^T)."""
-    return rtn(as_rows(w.float(), roles(cfg)[name]), q.group_size, q.sym, q.scale_dtype,
-               tensor_bits(name, q.embedding_bits))
+    """Packed RTN of one stored tensor, as rows [..., N, K] (hc matrices [r, K, N] as w[l]^T). Rows are
+    independent (groups run along K), so a large matrix is done a chunk of rows at a time: the same bytes,
+    without several float copies of the whole tensor alive at once."""
+    rows, bits = as_rows(w, roles(cfg)[name]), tensor_bits(name, q.embedding_bits)
+    if rows.ndim != 2 or rows.numel() <= RTN_CHUNK_ELEMENTS:
+        return rtn(rows.float(), q.group_size, q.sym, q.scale_dtype, bits)
+    step = max(1, RTN_CHUNK_ELEMENTS // rows.shape[1])
+    parts = [rtn(rows[i:i + step].float(), q.group_size, q.sym, q.scale_dtype, bits) for i in range(0, rows.shape[0], step)]
+    return tuple(None if parts[0][k] is None else torch.cat([p[k] for p in parts]) for k in range(3))
 
 
 # ---- writing a folder -------------------------------------------------------------------------

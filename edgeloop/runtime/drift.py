@@ -82,6 +82,26 @@ def resolve_reference(export_dir: Path, reference: str | os.PathLike | None) -> 
                             f"(source: {source or '?'}); pass --reference FP_DIR")
 
 
+def kv_policy_drift(rt, model, ids: np.ndarray, exit_threshold: float | None, step) -> dict:
+    """A shared-KV export against the per-step cache it replaces, token by token through the cache (a
+    full-window perplexity reads no cache, so it cannot see the policy): the export's decode perplexity, the
+    PyTorch reference's under the same policy and under per-step, and the drift of shared vs per-step."""
+    from edgeloop.model.evaluate import decode_perplexity
+
+    q = rt._threshold(exit_threshold) if rt.gated else None
+    label = "KV policy: decode perplexities (export, reference shared, reference per-step)"
+    step(label, 0, 3)
+    got, n = rt.decode_perplexity(ids, exit_threshold=q)
+    step(label, 1, 3)
+    same, _ = decode_perplexity(model, ids, "shared", rt.num_loops, q)
+    step(label, 2, 3)
+    per_step, _ = decode_perplexity(model, ids, "per-step", rt.num_loops, q)
+    step(label, 3, 3)
+    return {"policy": "shared", "tokens": n, "decode_ppl": got, "reference_decode_ppl": same,
+            "reference_decode_ppl_per_step": per_step, "drift_vs_reference_pct": 100 * (got - same) / same,
+            "shared_vs_per_step_pct": 100 * (same - per_step) / per_step}
+
+
 def reference_model(ref_dir: Path):
     """The float PyTorch model of a reference folder (a foreign format is imported into a temporary folder)."""
     import tempfile
@@ -114,7 +134,8 @@ def evaluation_ids(export_dir: Path, text_file: str | os.PathLike | None, tokens
 def evaluate_drift(export_dir: str | os.PathLike, reference: str | os.PathLike | None = None, ep: str = "cpu",
                    tokens: int | None = 8192, text: str | os.PathLike | None = None, num_loops: int | None = None,
                    batch_size: int = 4, threads: int = 0,
-                   progress: Callable[[str, int, int], None] | None = None) -> dict:
+                   progress: Callable[[str, int, int], None] | None = None,
+                   exit_threshold: float | None = None, kv_tokens: int = 256) -> dict:
     """Perplexity of the export on `ep` and of the fp32 PyTorch reference on the same ids and windows."""
     import torch
 
@@ -131,17 +152,22 @@ def evaluate_drift(export_dir: str | os.PathLike, reference: str | os.PathLike |
         raise RuntimeInputError(f"--reference {ref_dir}: vocabulary {model.cfg.vocab_size} != the export's "
                                 f"{rt.vocab_size}")
     ctx = min(rt.ctx, model.cfg.max_seq_len)  # one window size for both
-    ppl, n = rt.perplexity(ids, ctx=ctx, batch_size=batch_size, progress=lambda d, t: step("export", d, t))
+    ppl, n = rt.perplexity(ids, ctx=ctx, batch_size=batch_size, progress=lambda d, t: step("export", d, t),
+                           exit_threshold=exit_threshold)
     if threads:
         torch.set_num_threads(threads)
     step("reference", 0, 1)
-    ref_ppl, ref_n = torch_perplexity(model, ids, ctx=ctx, stride=ctx // 2, num_loops=rt.num_loops)
+    ref_ppl, ref_n = torch_perplexity(model, ids, ctx=ctx, stride=ctx // 2, num_loops=rt.num_loops,
+                                      exit_threshold=rt._threshold(exit_threshold) if rt.gated else None)
     step("reference", 1, 1)
     assert ref_n == n
     m = rt.manifest
-    return {"ppl": ppl, "reference_ppl": ref_ppl, "drift_pct": 100.0 * (ppl - ref_ppl) / ref_ppl,
+    kv = kv_policy_drift(rt, model, ids[:kv_tokens], exit_threshold, step) if rt.kv.shared and kv_tokens else None
+    return {"kv_policy": kv, "ppl": ppl, "reference_ppl": ref_ppl, "drift_pct": 100.0 * (ppl - ref_ppl) / ref_ppl,
             "drift_abs": ppl - ref_ppl, "tokens": n, "ep": ep, "num_loops": rt.num_loops, "ctx": ctx,
             "stride": ctx // 2, "reference": str(ref_dir), "model": str(export_dir), "format": m.get("format"),
             "text": str(text) if text else "demo validation split",
             "quantization": (m.get("quantization_config") or {}).get("algorithm"),
+            "exit_threshold": rt._threshold(exit_threshold) if rt.gated else None,
+            "mean_loops": float(np.mean(rt.scored_loops)) if rt.gated else float(rt.num_loops),
             "placement": rt.placement() if ep != "cpu" else None}  # which provider ran which nodes

@@ -104,7 +104,7 @@ def decode_rates(stamps: list[float]) -> dict[str, float]:
 
 def probe(folder: str, ep: str = "cpu", threads: int = 0, prefill_tokens: int = 128, decode_tokens: int = 256,
           num_loops: int | None = None, mmap: bool = True, prepack: bool = True, repeats: int = 3,
-          model_file: str = "model.onnx") -> dict:
+          model_file: str = "model.onnx", exit_threshold: float | None = None) -> dict:
     """The measurements, in THIS process (footprint() runs it in a fresh one): peak RSS while the session
     is created, prefill ms for `prefill_tokens` (median of `repeats`), decode tokens/s and RSS during a
     greedy decode of `decode_tokens` (clipped to the context). RSS figures are the whole process's;
@@ -127,11 +127,12 @@ def probe(folder: str, ep: str = "cpu", threads: int = 0, prefill_tokens: int = 
     n = max(1, min(prefill_tokens, rt.ctx))
     x = rng.integers(0, rt.vocab_size, (1, n), dtype=np.int64)
     feeds = (x, np.ones_like(x), np.arange(n, dtype=np.int64)[None], rt.empty_past(1))
-    rt.forward(*feeds, rt.num_loops)  # warm-up
+    q = rt._threshold(exit_threshold) if rt.gated else None
+    rt.forward(*feeds, rt.num_loops, q)  # warm-up
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        rt.forward(*feeds, rt.num_loops)
+        rt.forward(*feeds, rt.num_loops, q)
         times.append(time.perf_counter() - t)
     prompt = rng.integers(0, rt.vocab_size, min(16, rt.ctx - 1)).tolist()
     steps = max(2, min(decode_tokens + 1, rt.ctx - len(prompt) + 1))  # the first token comes from the prefill
@@ -142,8 +143,8 @@ def probe(folder: str, ep: str = "cpu", threads: int = 0, prefill_tokens: int = 
         stamps.append(time.perf_counter())
         rss.append(_rss())
 
-    rt.generate_ids([prompt], min(8, steps), stop=())  # warm the decode shapes
-    rt.generate_ids([prompt], steps, stop=(), on_token=on_token)
+    rt.generate_ids([prompt], min(8, steps), stop=(), exit_threshold=q)  # warm the decode shapes
+    gen = rt.generate_ids([prompt], steps, stop=(), on_token=on_token, exit_threshold=q)
     decoded = len(stamps) - 1  # the first stamp closes the prefill
     steady = rss[len(rss) // 2:] or rss
     out = {"ep": ep, "providers": rt.session.get_providers(), "threads": threads, "num_loops": rt.num_loops,
@@ -154,7 +155,8 @@ def probe(folder: str, ep: str = "cpu", threads: int = 0, prefill_tokens: int = 
            "decode_peak_rss_bytes": max(rss),
            "prefill_tokens": n, "prefill_ms": 1000 * float(np.median(times)),
            "decode_tokens": decoded, **decode_rates(stamps),
-           "context": rt.ctx, "mmap": mmap, "prepack": prepack, "model_file": model_file}
+           "context": rt.ctx, "mmap": mmap, "prepack": prepack, "model_file": model_file,
+           "exit_threshold": q, "mean_loops": float(np.mean(gen.loops[0][1:] or gen.loops[0]))}
     out["process_peak_rss_bytes"] = _peak_rss()
     out["placement"] = rt.placement() if ep != "cpu" else None  # after the measurements: profiling is slow
     out.update(device_memory(ep))
@@ -163,7 +165,8 @@ def probe(folder: str, ep: str = "cpu", threads: int = 0, prefill_tokens: int = 
 
 def footprint(folder: str | os.PathLike, ep: str = "cpu", threads: int = 0, prefill_tokens: int = 128,
               decode_tokens: int = 256, num_loops: int | None = None, context: int | None = None,
-              mmap: bool = True, prepack: bool = True, timeout: float = 1800, model_file: str = "model.onnx") -> dict:
+              mmap: bool = True, prepack: bool = True, timeout: float = 1800, model_file: str = "model.onnx",
+              exit_threshold: float | None = None) -> dict:
     """bench's numbers: probe() in a fresh subprocess plus file bytes and the KV-cache size (per token and
     at `context` tokens, default the model's context)."""
     folder = Path(folder)
@@ -182,6 +185,8 @@ def footprint(folder: str | os.PathLike, ep: str = "cpu", threads: int = 0, pref
     if not prepack:
         cmd.append("--no-prepack")
     cmd += ["--model-file", model_file]
+    if exit_threshold is not None:
+        cmd += ["--exit-threshold", str(exit_threshold)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                         os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -208,15 +213,18 @@ def ratios(a: dict, b: dict) -> dict[str, float]:
     return {k: a[k] / b[k] for k in RATIO_KEYS if k in a and k in b and b[k]}
 
 
-def decode_speed(rt, tokens: int = 64, num_loops: int | None = None) -> float:
+def decode_speed(rt, tokens: int = 64, num_loops: int | None = None, exit_threshold: float | None = None,
+                 loops_out: list | None = None) -> float:
     """Greedy decode tokens/s in this process (after a short warm-up; median step), from a fixed 16-token
-    prompt."""
+    prompt. loops_out: receives the loops each decoded token ran."""
     prompt = np.random.default_rng(1).integers(0, rt.vocab_size, min(16, rt.ctx - 1)).tolist()
     tokens = max(2, min(tokens + 1, rt.ctx - len(prompt) + 1))
     stamps: list[float] = []
-    rt.generate_ids([prompt], 4, stop=(), num_loops=num_loops)
-    rt.generate_ids([prompt], tokens, stop=(), num_loops=num_loops,
-                    on_token=lambda b, t: stamps.append(time.perf_counter()))
+    rt.generate_ids([prompt], 4, stop=(), num_loops=num_loops, exit_threshold=exit_threshold)
+    g = rt.generate_ids([prompt], tokens, stop=(), num_loops=num_loops, exit_threshold=exit_threshold,
+                        on_token=lambda b, t: stamps.append(time.perf_counter()))
+    if loops_out is not None:
+        loops_out.extend(g.loops[0][1:])  # the first token comes from the prefill
     return decode_rates(stamps)["decode_tokens_per_s"]
 
 
@@ -240,6 +248,55 @@ def sweep(rt, ids: np.ndarray, decode_tokens: int = 64, batch_size: int = 4, pro
         if progress is not None:
             progress(i, len(loops))
     return rows
+
+
+THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)
+
+
+def threshold_sweep(rt, ids: np.ndarray, thresholds=THRESHOLDS, decode_tokens: int = 64, batch_size: int = 4,
+                    progress=None) -> list[dict]:
+    """An exit-gated export's early exit as a dial: perplexity on `ids`, the mean loops a scored token ran,
+    decode tokens/s and the mean loops a decoded token ran, per exit threshold."""
+    if not rt.gated:
+        raise RuntimeInputError(f"{rt.folder}: this export has no exit gate, so no threshold sweep")
+    rows = []
+    for i, q in enumerate(thresholds, 1):
+        ppl, n = rt.perplexity(ids, batch_size=batch_size, exit_threshold=q)
+        scored = float(np.mean(rt.scored_loops))
+        decoded: list[int] = []
+        speed = decode_speed(rt, decode_tokens, exit_threshold=q, loops_out=decoded)
+        rows.append({"exit_threshold": q, "ppl": ppl, "tokens": n, "mean_loops": scored,
+                     "decode_tokens_per_s": speed, "decode_mean_loops": float(np.mean(decoded))})
+        if progress is not None:
+            progress(i, len(thresholds))
+    return rows
+
+
+def plot_threshold_sweep(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """PNG: perplexity and mean loops per token (left), decode tokens/s (right) against the exit threshold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    q = [r["exit_threshold"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ax.plot(q, [r["ppl"] for r in rows], "o-", color="tab:blue", label="perplexity")
+    ax.set_xlabel("exit threshold q (>= 1: never early)")
+    ax.set_ylabel("perplexity", color="tab:blue")
+    for r in rows:
+        ax.annotate(f"{r['mean_loops']:.2f} loops", (r["exit_threshold"], r["ppl"]), fontsize=7,
+                    textcoords="offset points", xytext=(0, 6), ha="center")
+    ax2 = ax.twinx()
+    ax2.plot(q, [r["decode_tokens_per_s"] for r in rows], "s--", color="tab:orange")
+    ax2.set_ylabel("decode tokens/s", color="tab:orange")
+    ax.set_title(title or "early exit: quality vs speed")
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
 
 
 def plot_sweep(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
@@ -278,10 +335,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-mmap", action="store_true")
     p.add_argument("--no-prepack", action="store_true")
     p.add_argument("--model-file", default="model.onnx")
+    p.add_argument("--exit-threshold", type=float, default=None)
     a = p.parse_args(argv)
     try:
         res = probe(a.folder, a.ep, a.threads, a.prefill_tokens, a.decode_tokens, a.num_loops,
-                    not a.no_mmap, not a.no_prepack, model_file=a.model_file)
+                    not a.no_mmap, not a.no_prepack, model_file=a.model_file, exit_threshold=a.exit_threshold)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

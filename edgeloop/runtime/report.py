@@ -21,7 +21,7 @@ def _progress(console: Console, enabled: bool) -> Progress:
 
 def stream_generate(out: Console, folder: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
                     top_p: float, repetition_penalty: float, seed: int, num_loops: Optional[int], ep: str,
-                    threads: int, chat: bool = False) -> None:
+                    threads: int, chat: bool = False, exit_threshold: Optional[float] = None) -> None:
     """Continue `prompt` (or answer it under the chat template) with the runtime, printing text as it comes."""
     from edgeloop.chat import prompt_ids
     from edgeloop.runtime import Runtime
@@ -36,12 +36,13 @@ def stream_generate(out: Console, folder: Path, prompt: str, max_new_tokens: int
     text = TextStream(rt._tok(), lambda s: out.print(s, end="", highlight=False, soft_wrap=True))
     out.print(rt._tok().decode(ids) if chat else prompt, end="", highlight=False)
     rt.generate_ids([ids], max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop=None, seed=seed,
-                    on_token=lambda row, t: text.push(t))
+                    on_token=lambda row, t: text.push(t), exit_threshold=exit_threshold)
     out.print()
 
 
 def run_eval(out: Console, err: Console, model_dir: Path, reference: Optional[Path], ep: str, tokens: int,
-             text: Optional[Path], num_loops: Optional[int], batch_size: int, threads: int, as_json: bool) -> dict:
+             text: Optional[Path], num_loops: Optional[int], batch_size: int, threads: int, as_json: bool,
+             exit_threshold: Optional[float] = None) -> dict:
     """`edgeloop eval`: perplexity of the export vs the fp32 PyTorch reference on the same windows."""
     from edgeloop.runtime.drift import evaluate_drift
 
@@ -52,12 +53,13 @@ def run_eval(out: Console, err: Console, model_dir: Path, reference: Optional[Pa
         if not tasks:
             bar.start()  # only once work starts: an early error stays one line
         if what not in tasks:
-            label = "perplexity (export)" if what == "export" else "perplexity (PyTorch fp32 reference)"
+            label = {"export": "perplexity (export)", "reference": "perplexity (PyTorch fp32 reference)"}.get(what, what)
             tasks[what] = bar.add_task(label, total=total)
         bar.update(tasks[what], completed=done, total=total)
 
     try:
-        r = evaluate_drift(model_dir, reference, ep, tokens, text, num_loops, batch_size, threads, progress=step)
+        r = evaluate_drift(model_dir, reference, ep, tokens, text, num_loops, batch_size, threads, progress=step,
+                           exit_threshold=exit_threshold)
     finally:
         if tasks:
             bar.stop()
@@ -65,10 +67,17 @@ def run_eval(out: Console, err: Console, model_dir: Path, reference: Optional[Pa
         out.print_json(json.dumps(r))
         return r
     t = Table(title=f"{model_dir} on {ep}", show_header=False)
-    t.add_row("perplexity", f"{r['ppl']:.4f}  ({r['format']}, num_loops {r['num_loops']})")
+    t.add_row("perplexity", f"{r['ppl']:.4f}  ({r['format']}, num_loops {r['num_loops']}" + (
+        f", exit threshold {r['exit_threshold']:g}: {r['mean_loops']:.2f} loops per token)"
+        if r.get("exit_threshold") is not None else ")"))
     t.add_row("reference (fp32 PyTorch)", f"{r['reference_ppl']:.4f}  ({r['reference']})")
     t.add_row("drift", f"{r['drift_abs']:+.4f} ({r['drift_pct']:+.3f}%)")
     t.add_row("tokens", f"{r['tokens']:,} scored from {r['text']}; windows of {r['ctx']}, stride {r['stride']}")
+    if r.get("kv_policy"):
+        k = r["kv_policy"]
+        t.add_row("KV shared across loops", f"decode perplexity {k['decode_ppl']:.4f} (reference {k['reference_decode_ppl']:.4f}); "
+                  f"shared vs per-step {k['shared_vs_per_step_pct']:+.3f}% (PyTorch, {k['tokens']} tokens one at a "
+                  f"time through the cache)")
     if r.get("placement"):
         t.add_row("placement", placement_text(r["placement"]))
     out.print(t)
@@ -92,13 +101,15 @@ def _mb(b: float) -> str:
 def run_bench(out: Console, err: Console, model_dir: Path, ep: str, threads: int, prefill_tokens: int,
               decode_tokens: int, context: Optional[int], num_loops: Optional[int], reference: Optional[Path],
               sweep: bool, plot: Optional[Path], sweep_tokens: int, text: Optional[Path], as_json: bool,
-              model_file: str = "model.onnx") -> dict:
+              model_file: str = "model.onnx", exit_threshold: Optional[float] = None) -> dict:
     """`edgeloop bench`: footprint and latency (fresh subprocess), optionally vs a reference export, and
-    the num_loops sweep (table + PNG)."""
-    from edgeloop.runtime.measure import footprint, plot_sweep, ratios, sweep as run_sweep
+    the num_loops sweep (table + PNG) and, for an exit-gated export, the exit-threshold sweep (PLOT-exit.png)."""
+    from edgeloop.runtime.measure import (footprint, plot_sweep, plot_threshold_sweep, ratios, sweep as run_sweep,
+                                          threshold_sweep)
 
     with err.status("measuring in a fresh process", spinner="dots") if not as_json else contextlib.nullcontext():
-        r = footprint(model_dir, ep, threads, prefill_tokens, decode_tokens, num_loops, context, model_file=model_file)
+        r = footprint(model_dir, ep, threads, prefill_tokens, decode_tokens, num_loops, context, model_file=model_file,
+                      exit_threshold=exit_threshold)
         if reference is not None:
             ref = footprint(reference, ep, threads, prefill_tokens, decode_tokens, None, context)
             r["reference"] = {"path": str(reference), **{k: ref[k] for k in ref if not isinstance(ref[k], dict)}}
@@ -112,8 +123,16 @@ def run_bench(out: Console, err: Console, model_dir: Path, ep: str, threads: int
         with _progress(err, not as_json) as bar:
             task = bar.add_task("num_loops sweep", total=None)
             r["sweep"] = run_sweep(rt, ids, progress=lambda d, t: bar.update(task, completed=d, total=t))
+            if rt.gated:
+                task = bar.add_task("exit-threshold sweep", total=None)
+                r["threshold_sweep"] = threshold_sweep(rt, ids, progress=lambda d, t: bar.update(task, completed=d,
+                                                                                                 total=t))
         if plot is not None:
             r["plot"] = str(plot_sweep(r["sweep"], plot, f"{model_dir.name}: elastic depth on {ep}"))
+            if "threshold_sweep" in r:
+                exit_png = Path(plot).with_name(Path(plot).stem + "-exit.png")
+                r["threshold_plot"] = str(plot_threshold_sweep(r["threshold_sweep"], exit_png,
+                                                               f"{model_dir.name}: early exit on {ep}"))
     if as_json:
         out.print_json(json.dumps(r))
         return r
@@ -134,7 +153,9 @@ def run_bench(out: Console, err: Console, model_dir: Path, ep: str, threads: int
         f"({_mb(r['kv_bytes_at_context'])} at {r['kv_context']} tokens)")
     row("prefill", "prefill_ms", f"{r['prefill_ms']:.2f} ms for {r['prefill_tokens']} tokens")
     row("decode", "decode_tokens_per_s", f"{r['decode_tokens_per_s']:.1f} tokens/s "
-        f"({r['decode_ms_per_token']:.2f} ms/token)")
+        f"({r['decode_ms_per_token']:.2f} ms/token)" + (f"; exit threshold {r['exit_threshold']:g}, "
+                                                         f"{r['mean_loops']:.2f} loops per token"
+                                                         if r.get("exit_threshold") is not None else ""))
     t.add_row("device memory", str(r["device_memory_note"]), *([""] if reference else []))
     if r.get("placement"):
         t.add_row("placement", placement_text(r["placement"]), *([""] if reference else []))
@@ -148,5 +169,14 @@ def run_bench(out: Console, err: Console, model_dir: Path, ep: str, threads: int
         out.print(s)
         if "plot" in r:
             out.print(f"plot: {r['plot']}")
+    if "threshold_sweep" in r:
+        s = Table("exit threshold", "perplexity", "loops per scored token", "decode tokens/s", "loops per decoded token",
+                  title="early exit (the Loop stops once every token has exited)")
+        for x in r["threshold_sweep"]:
+            s.add_row(f"{x['exit_threshold']:g}", f"{x['ppl']:.3f}", f"{x['mean_loops']:.2f}",
+                      f"{x['decode_tokens_per_s']:.1f}", f"{x['decode_mean_loops']:.2f}")
+        out.print(s)
+        if "threshold_plot" in r:
+            out.print(f"plot: {r['threshold_plot']}")
     return r
 

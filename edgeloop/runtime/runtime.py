@@ -32,12 +32,14 @@ EOT = "<|endoftext|>"
 
 @dataclass
 class Generation:
-    """Result of generate(): new token ids per prompt, their text, and why each row stopped
-    ("stop" token, "length" = max_new_tokens, "context" = the context is full)."""
+    """Result of generate(): new token ids per prompt, their text, why each row stopped ("stop" token,
+    "length" = max_new_tokens, "context" = the context is full), and the loops each new token ran (an
+    exit-gated export: the loop it exited at + 1; otherwise num_loops)."""
     tokens: list[list[int]]
     text: list[str]
     prompt_tokens: list[int]
     finish: list[str] = field(default_factory=list)
+    loops: list[list[int]] = field(default_factory=list)
 
 
 class Runtime:
@@ -74,6 +76,9 @@ class Runtime:
         self.session = make_session(self.folder, self.providers, so, mmap, model_file)
         self.has_num_loops = check_convention(self.session, self.kv)
         self.out_names = [o.name for o in self.session.get_outputs()]
+        self.gated = "exit_step" in self.out_names  # an exit gate (Ouro): exit_threshold steers the depth
+        self.exit_threshold = float((self.manifest.get("config") or {}).get("early_exit_threshold", 1.0))
+        self.last_exit_step: np.ndarray | None = None
         self.num_loops = self._loops(num_loops)
         self.tokenizer = None
         if (self.folder / "tokenizer.json").is_file():
@@ -113,13 +118,27 @@ class Runtime:
         return self.kv.empty_past(batch)
 
     def forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: dict[str, np.ndarray],
-                num_loops: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """(logits [B,S,V], the next past) for new tokens `ids` [B,S] after `past`."""
+                num_loops: int, exit_threshold: float | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """(logits [B,S,V], the next past) for new tokens `ids` [B,S] after `past`. An exit-gated export takes
+        exit_threshold (default the model's) and leaves the loop each token exited at in last_exit_step."""
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **past}
         if self.has_num_loops:
             feeds["num_loops"] = np.array(num_loops, np.int64)
+        if self.gated:
+            feeds["exit_threshold"] = np.array(self._threshold(exit_threshold), np.float32)
         outs = self.session.run(self.out_names, feeds)
+        if self.gated:
+            self.last_exit_step = outs[self.out_names.index("exit_step")]
         return outs[self.out_names.index("logits")], next_past(self.out_names, outs)
+
+    def _threshold(self, q: float | None) -> float:
+        if q is None:
+            return self.exit_threshold
+        if not self.gated:
+            raise RuntimeInputError(f"exit_threshold {q}: this export has no exit gate")
+        if isinstance(q, bool) or not isinstance(q, (int, float, np.floating)) or not q >= 0:
+            raise RuntimeInputError(f"exit_threshold {q!r}: a number >= 0 (>= 1: never exit early)")
+        return float(q)
 
     # ---- generation ----------------------------------------------------------------------------
     def encode(self, text: str) -> np.ndarray:
@@ -134,21 +153,23 @@ class Runtime:
     def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  stop: Sequence[int] | None = None, seed: int = 0, num_loops: int | None = None,
-                 on_token: Callable[[int, int], None] | None = None) -> Generation:
+                 on_token: Callable[[int, int], None] | None = None, exit_threshold: float | None = None) -> Generation:
         """Continue one prompt or a batch (left-padded) through the KV cache. `stop`: token ids that end
         a row (default: the folder's eos tokens, else <|endoftext|>; () for none). `on_token(row, token_id)` streams each new token."""
         batch = [prompts] if isinstance(prompts, str) else list(prompts)
         tok = self._tok()
         ids = [tok.encode(p, add_special_tokens=False).ids for p in batch]
         return self.generate_ids(ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
-                                 num_loops, on_token)
+                                 num_loops, on_token, exit_threshold)
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
                      top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                      stop: Sequence[int] | None = None, seed: int = 0, num_loops: int | None = None,
-                     on_token: Callable[[int, int], None] | None = None) -> Generation:
+                     on_token: Callable[[int, int], None] | None = None,
+                     exit_threshold: float | None = None) -> Generation:
         """generate() on token ids: a list of prompts, each a list of ids."""
         L = self._loops(num_loops)
+        q = self._threshold(exit_threshold)
         check_sampling(temperature, top_k, top_p, repetition_penalty)
         if max_new_tokens < 0:
             raise RuntimeInputError(f"max_new_tokens {max_new_tokens}: must be >= 0")
@@ -168,18 +189,19 @@ class Runtime:
         for b, p in enumerate(rows):
             ids[b, longest - len(p):], mask[b, longest - len(p):] = p, 1
         pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
-        past, new = self.empty_past(B), [[] for _ in range(B)]
+        past, new, loops = self.empty_past(B), [[] for _ in range(B)], [[] for _ in range(B)]
         finish = ["length"] * B
         done = np.zeros(B, bool)
         for _ in range(max_new_tokens):
             if pos.max() >= self.ctx:  # the next token would have no rotary position
                 finish = [f if d else "context" for f, d in zip(finish, done)]
                 break
-            logits, past = self.forward(ids, mask, pos, past, L)
+            logits, past = self.forward(ids, mask, pos, past, L, q)
             nxt = np.full(B, self.pad, np.int64)
             for b in np.flatnonzero(~done):
                 t = choose(logits[b, -1], rows[b] + new[b], rng, temperature, top_k, top_p, repetition_penalty)
                 new[b].append(t)
+                loops[b].append(int(self.last_exit_step[b, -1]) + 1 if self.gated else L)
                 nxt[b] = t
                 if on_token is not None:
                     on_token(int(b), t)
@@ -191,7 +213,7 @@ class Runtime:
             pos = pos[:, -1:] + 1
             mask = np.concatenate([mask, np.ones((B, 1), np.int64)], 1)
         text = [self.tokenizer.decode(n) for n in new] if self.tokenizer is not None else [""] * B
-        return Generation(new, text, [len(p) for p in rows], finish)
+        return Generation(new, text, [len(p) for p in rows], finish, loops)
 
     def chat(self, message: str) -> list[int]:
         """Token ids of a chat prompt: one user message under the export's chat template (tokenizer_config.json),
@@ -200,14 +222,32 @@ class Runtime:
 
         return prompt_ids(self._tok(), self.folder, message, chat=True)
 
+    def decode_perplexity(self, ids: Sequence[int] | np.ndarray, num_loops: int | None = None,
+                          exit_threshold: float | None = None) -> tuple[float, int]:
+        """exp(mean NLL) of ids[1:] fed one token at a time through the KV cache (where the KV policy acts:
+        a full-window perplexity never reads a cache); returns (ppl, tokens scored)."""
+        L, q = self._loops(num_loops), self._threshold(exit_threshold)
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)[: self.ctx]
+        if len(ids) < 2:
+            raise RuntimeInputError(f"decode perplexity needs at least 2 tokens (got {len(ids)})")
+        past, nll = self.empty_past(1), 0.0
+        for t in range(len(ids) - 1):
+            x = ids[None, t:t + 1]
+            logits, past = self.forward(x, np.ones((1, t + 1), np.int64), np.array([[t]], np.int64), past, L, q)
+            nll += nll_sum(logits[0], ids[t + 1:t + 2])
+        return float(np.exp(nll / (len(ids) - 1))), len(ids) - 1
+
     # ---- perplexity ----------------------------------------------------------------------------
     def perplexity(self, ids: Sequence[int] | np.ndarray, ctx: int | None = None, stride: int | None = None,
                    batch_size: int = 4, num_loops: int | None = None,
-                   progress: Callable[[int, int], None] | None = None) -> tuple[float, int]:
+                   progress: Callable[[int, int], None] | None = None,
+                   exit_threshold: float | None = None) -> tuple[float, int]:
         """exp(mean NLL) over `ids` with the strided windows of edgeloop.model.evaluate.perplexity
         (default ctx = the export's context, stride = ctx // 2), windows of equal length run as one
         batch; returns (ppl, tokens scored). `progress(done, total)` is called after each batch."""
         L = self._loops(num_loops)
+        q = self._threshold(exit_threshold)
+        self.scored_loops: list[int] = []  # an exit-gated export: the loops each scored token ran
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         ctx = ctx or self.ctx
         stride = stride or ctx // 2
@@ -232,9 +272,11 @@ class Runtime:
             x = np.stack([ids[b:e - 1] for b, e, _ in g])
             B, S = x.shape
             logits, _ = self.forward(x, np.ones((B, S), np.int64), np.broadcast_to(np.arange(S), (B, S)).copy(),
-                                     self.empty_past(B), L)
+                                     self.empty_past(B), L, q)
             for row, (b, e, s) in enumerate(g):
                 nll += nll_sum(logits[row, s - b - 1:], ids[s:e])
+                if self.gated:
+                    self.scored_loops += (self.last_exit_step[row, s - b - 1:] + 1).tolist()
                 count += e - s
             done += len(g)
             if progress is not None:

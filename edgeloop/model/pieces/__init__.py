@@ -56,4 +56,4 @@ def build(kind: str, name: str, *args, **kwargs):
 
 def _load() -> None:
     """Import the piece modules (they register themselves)."""
-    from edgeloop.model.pieces import attention, block, mlp, norm, rotary, streams  # noqa: F401
+    from edgeloop.model.pieces import attention, block, exit, mlp, norm, rotary, streams  # noqa: F401

@@ -55,3 +55,20 @@ class Sandwich(nn.Module):
         a, k, v = self.attn.emit(g, w, self.norm1.emit(g, w, x), ctx, past)
         x = self.norm2.emit(g, w, g.Add(x, a))
         return self.norm4.emit(g, w, g.Add(x, self.mlp.emit(g, w, self.norm3.emit(g, w, x)))), k, v
+
+
+@register("block", "prepost")
+class PrePost(Sandwich):
+    """x = x + norm2(attn(norm1 x));  x = x + norm4(mlp(norm3 x))  (Ouro; Gemma 2's pre- and post-norms: the
+    residual stream itself is never normalised). Norm names in Hugging Face terms: input_layernorm,
+    input_layernorm_2, post_attention_layernorm, post_attention_layernorm_2."""
+
+    def forward(self, x, rope, mask, past):
+        a, present = self.attn(self.norm1(x), rope, mask, past)
+        x = x + self.norm2(a)
+        return x + self.norm4(self.mlp(self.norm3(x))), present
+
+    def emit(self, g, w, x, ctx, past):
+        a, k, v = self.attn.emit(g, w, self.norm1.emit(g, w, x), ctx, past)
+        x = g.Add(x, self.norm2.emit(g, w, a))
+        return g.Add(x, self.norm4.emit(g, w, self.mlp.emit(g, w, self.norm3.emit(g, w, x)))), k, v

@@ -57,3 +57,17 @@ class Interleaved:
         y = g.Concat(g.Unsqueeze(g.Sub(g.Mul(a, cos), g.Mul(b, sin)), g.const([-1])),
                      g.Unsqueeze(g.Add(g.Mul(b, cos), g.Mul(a, sin)), g.const([-1])), axis=-1)
         return g.Reshape(y, g.const([0, 0, 0, -1]))
+
+
+@register("rotary", "neox")
+class NeoX(HalfSplit):
+    """Pairs (i, i + hd/2), rotated by +angle (GPT-NeoX / Llama / Qwen / Ouro: x cos + rotate_half(x) sin,
+    rotate_half(x) = [-x2, x1]):  [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]."""
+
+    def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.chunk(2, dim=-1)
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+    def emit(self, g, x, cos, sin):
+        x1, x2 = g.Split(x, axis=-1, num_outputs=2, _outputs=2)
+        return g.Concat(g.Sub(g.Mul(x1, cos), g.Mul(x2, sin)), g.Add(g.Mul(x2, cos), g.Mul(x1, sin)), axis=-1)
