@@ -176,11 +176,15 @@ def export_cmd(
                              "(onnxruntime mobile / minimal builds)"),
     kv_policy: Optional[str] = typer.Option(None, help="KV cache across loops: per-step (a slot per loop) or shared "
                                             "(one slot per middle layer); default: the model's"),
+    kv_dtype: Optional[str] = typer.Option(None, help="the KV cache between steps: float32 (default) or float16 (half "
+                                           "the KV memory; eval reports its decode drift)"),
     max_loops: Optional[int] = typer.Option(None, help="the most loops num_loops may ask for (models without "
                                             "per-loop parameters; default: the model's)"),
     init_state: str = typer.Option("zeros", help="the loop state's start: zeros, or random (the injection's "
                                    "random start, e.g. Huginn's; an init_scale input, 0 = zeros)"),
     seed: int = typer.Option(0, help="--init-state random: the generator's seed"),
+    fused: bool = typer.Option(False, "--fused", help="matmulnbits: onnxruntime's fused kernels (GroupQueryAttention, "
+                               "SimplifiedLayerNormalization, q/k/v and gate/up as one MatMulNBits each)"),
     parity_loops: Optional[str] = typer.Option(None, help="parity check: loop counts, e.g. 1,4,8 (default r and r/2, "
                                                "and 2r where more loops may run; 1,2 past 1B parameters)"),
     parity_steps: Optional[int] = typer.Option(None, help="parity check: decode steps (default 16; 2 past 1B "
@@ -196,7 +200,8 @@ def export_cmd(
         err.print("[bold yellow]warning:[/] --no-verify: the export is NOT parity-checked against PyTorch")
     ec = ExportConfig(format=format, accuracy_level=accuracy_level, unroll=unroll, max_seq_len=max_seq_len,
                       opset=opset, verify=verify, external_data=external_data, ort=ort, kv_policy=kv_policy,
-                      max_loops=max_loops, init_state=init_state, seed=seed, decode_steps=parity_steps,
+                      kv_dtype=kv_dtype,
+                      max_loops=max_loops, init_state=init_state, seed=seed, decode_steps=parity_steps, fused=fused,
                       parity_loops=_ints("--parity-loops", parity_loops))
     with err.status("exporting") as status, temporary_checkpoint(in_dir, out_dir, overwrite) as src:
         s = export_checkpoint(src, out_dir, ec, overwrite=overwrite, source=in_dir,

@@ -38,9 +38,12 @@ class ExportConfig:
     tolerance: float | None = None  # max |logit error| allowed; default by format (see default_tolerance)
     ort: bool = False  # also model.ort + required_operators.config (onnxruntime mobile / minimal builds)
     kv_policy: str | None = None  # "per-step" | "shared" KV slots across loops; None: the model's kv_policy
+    kv_dtype: str | None = None  # "float32" | "float16" KV cache between steps; None: the model's (float32)
     max_loops: int | None = None  # the most loops num_loops may ask for; None: the model's (max_loops or r)
     init_state: str = "zeros"  # "zeros" | "random": the injection's random start behind the init_scale input
     seed: int = 0  # the random start's generator seed
+    fused: bool = False  # matmulnbits: onnxruntime's fused kernels (GroupQueryAttention, SimplifiedLayerNorm,
+                         # SkipSimplifiedLayerNorm, q/k/v and gate/up as one MatMulNBits each)
 
 
 def default_tolerance(fmt: str, accuracy_level: int) -> float:
@@ -63,7 +66,8 @@ def export_config(cfg, ec: ExportConfig):
         if cfg.hc != "none" or not REGISTRY["injection"][cfg.injection].random_start:
             raise ValueError(f"--init-state random: this model's loop state starts from its input "
                              f"(hc {cfg.hc}, injection {cfg.injection}); only a random-start injection has one")
-    changes = {k: v for k, v in (("kv_policy", ec.kv_policy), ("max_loops", ec.max_loops)) if v is not None}
+    changes = {k: v for k, v in (("kv_policy", ec.kv_policy), ("max_loops", ec.max_loops),
+                                 ("kv_dtype", ec.kv_dtype)) if v is not None}
     try:
         return dataclasses.replace(cfg, **changes).validate()
     except ConfigError as e:

@@ -13,7 +13,9 @@ import numpy as np
 import onnx_ir as ir
 
 FLOAT = ir.DataType.FLOAT
+FLOAT16 = ir.DataType.FLOAT16
 INT64 = ir.DataType.INT64
+INT32 = ir.DataType.INT32
 BOOL = ir.DataType.BOOL
 MS_DOMAIN = "com.microsoft"
 

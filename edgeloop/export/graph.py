@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from edgeloop.export.builder import BOOL, FLOAT, INT64, GraphBuilder, graph_input, typed
+from edgeloop.export.builder import BOOL, FLOAT, FLOAT16, INT64, GraphBuilder, graph_input, typed
 from edgeloop.export.weights import Weights
 from edgeloop.kv import Layout, past_name, present_name
 from edgeloop.model.config import HyperloopConfig
@@ -24,13 +24,17 @@ from edgeloop.model.model import Hyperloop, meta_model
 from edgeloop.model.pieces.rotary import rope_tables
 
 
-def positions(g: GraphBuilder, model: Hyperloop, input_ids, attention_mask, position_ids) -> dict:
+def positions(g: GraphBuilder, model: Hyperloop, input_ids, attention_mask, position_ids, fused: bool = False) -> dict:
     """ctx for the pieces: rotary cos/sin [B, 1, S, hd/2] at position_ids, and the additive attention bias
-    [B, rep, S, T] (causal, padded keys masked, the diagonal kept: Hyperloop._mask) for grouped queries."""
+    [B, rep, S, T] (causal, padded keys masked, the diagonal kept: Hyperloop._mask) for grouped queries. The
+    fused graph: cos/sin [B, S, 1, hd/2] and GroupQueryAttention's seqlens_k, total_len and bias [B, 1, S, T]."""
     cfg = model.cfg
     cos_t, sin_t = rope_tables(cfg, cfg.max_seq_len)
-    ctx = {"cos": g.Unsqueeze(g.Gather(g.initializer("rope.cos", cos_t.numpy()), position_ids, axis=0), g.const([1])),
-           "sin": g.Unsqueeze(g.Gather(g.initializer("rope.sin", sin_t.numpy()), position_ids, axis=0), g.const([1]))}
+    axis = 2 if fused else 1
+    ctx = {"cos": g.Unsqueeze(g.Gather(g.initializer("rope.cos", cos_t.numpy()), position_ids, axis=0), g.const([axis])),
+           "sin": g.Unsqueeze(g.Gather(g.initializer("rope.sin", sin_t.numpy()), position_ids, axis=0), g.const([axis]))}
+    if fused:
+        ctx["cos_s"], ctx["sin_s"] = ctx["cos"], ctx["sin"]
     S = g.Shape(input_ids, start=1, end=2)
     T = g.Shape(attention_mask, start=1, end=2)
     q_idx = g.Unsqueeze(g.Range(g.Squeeze(g.Sub(T, S)), g.Squeeze(T), g.const(1)), g.const([1]))
@@ -38,13 +42,19 @@ def positions(g: GraphBuilder, model: Hyperloop, input_ids, attention_mask, posi
     valid = g.Unsqueeze(g.Cast(attention_mask, to=BOOL), g.const([1, 2]))
     allowed = g.Or(g.And(g.LessOrEqual(k_idx, q_idx), valid), g.Equal(k_idx, q_idx))
     bias = g.Where(allowed, g.const(0.0, np.float32), g.const(-np.inf, np.float32))  # [B, 1, S, T]
+    if fused:  # every row's keys 0..T-1 are there; the bias masks padding (GroupQueryAttention reads right padding)
+        from edgeloop.export.builder import INT32
+
+        ctx["bias_gqa"], ctx["total_len"] = bias, g.Cast(g.Squeeze(T), to=INT32)
+        ctx["seqlens_k"] = g.Cast(g.Expand(g.Sub(T, g.const([1])), g.Shape(input_ids, start=0, end=1)), to=INT32)
+        return ctx
     rep = cfg.n_heads // cfg.n_kv_heads  # grouped queries are [B, KV, rep*S, hd]: the bias repeats per group
     ctx["bias"] = g.Concat(*[bias] * rep, axis=2) if rep > 1 else bias
     return ctx
 
 
 def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False, kv_policy: str | None = None,
-          init_state: str = "zeros", seed: int = 0) -> ir.Model:
+          init_state: str = "zeros", seed: int = 0) -> ir.Model:  # noqa: C901
     """The ONNX model of `cfg` with weights from `w` (Loop, or unrolled with the weights still stored once).
     kv_policy: per-step or shared slots (default: the config's); init_state "random": the injection's random
     start behind a float input `init_scale` (default 1.0; 0 gives the zero state) and a seeded generator."""
@@ -61,9 +71,12 @@ def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False, kv_policy: str
     input_ids = graph_input("input_ids", INT64, ["batch_size", "sequence_length"])
     attention_mask = graph_input("attention_mask", INT64, ["batch_size", "total_sequence_length"])
     position_ids = graph_input("position_ids", INT64, ["batch_size", "sequence_length"])
-    past = [tuple(graph_input(past_name(i, k), FLOAT, kv_past) for k in ("key", "value")) for i in range(kv.layers)]
+    kv_type = FLOAT16 if kv.dtype == "float16" else FLOAT
+    past = [tuple(graph_input(past_name(i, k), kv_type, kv_past) for k in ("key", "value")) for i in range(kv.layers)]
     inputs = [input_ids, attention_mask, position_ids] + [t for pair in past for t in pair]
-    ctx = positions(g, model, input_ids, attention_mask, position_ids)
+    if kv_type == FLOAT16:  # an fp16 cache between steps, fp32 inside one: Cast at the boundary
+        past = [tuple(g.Cast(t, to=FLOAT) for t in pair) for pair in past]
+    ctx = positions(g, model, input_ids, attention_mask, position_ids, fused=w.fused)
     init_scale = None
     if init_state == "random":
         init_scale = _scalar_input(g, "init_scale", 1.0, FLOAT, np.float32)
@@ -98,7 +111,8 @@ def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False, kv_policy: str
     outputs = [typed(g.Identity(logits), FLOAT, ["batch_size", "sequence_length", cfg.vocab_size], "logits")]
     for i in range(kv.layers):
         for kind, t in zip(("key", "value"), presents[i]):
-            outputs.append(typed(g.Identity(t), FLOAT, kv_present, present_name(i, kind)))
+            out = g.Cast(t, to=FLOAT16) if kv_type == FLOAT16 else g.Identity(t)
+            outputs.append(typed(out, kv_type, kv_present, present_name(i, kind)))
     if "exit_step" in ctx:
         outputs.append(typed(g.Identity(ctx["exit_step"]), INT64, ["batch_size", "sequence_length"], "exit_step"))
     inputs += [v for v in (num_loops, init_scale, ctx.get("exit_threshold"), ctx.get("exit_at_step")) if v is not None]

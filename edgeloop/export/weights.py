@@ -55,7 +55,7 @@ class Weights:
     """Reads a (float or quantized) checkpoint folder lazily and emits initializers in `fmt`. Pieces ask for
     weights by their own modules (`bind(model)` maps each module of the meta model to its tensor names)."""
 
-    def __init__(self, folder: str | Path, fmt: str, accuracy_level: int = 0):
+    def __init__(self, folder: str | Path, fmt: str, accuracy_level: int = 0, fused: bool = False):
         if fmt not in FORMATS:
             raise ValueError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
         if accuracy_level not in (0, 1, 2, 3, 4):
@@ -71,6 +71,7 @@ class Weights:
         if self.q and self.q.get("bits", 4) != 4:
             raise ValueError(f"quantization_config bits={self.q.get('bits')}: only 4-bit exports")
         self.fmt, self.accuracy_level = fmt, accuracy_level
+        self.fused = fused and fmt == "matmulnbits"  # the fused graph: contrib ops for norms, attention, linears
         self._st = open_safetensors(self.folder / "model.safetensors")
         self._f = self._st.__enter__()
         self.keys = set(self._f.keys())
@@ -136,10 +137,40 @@ class Weights:
             w = self.tensor(f"{module}.weight")
             half = self.fmt == "fp16" or w.dtype == torch.float16 and self.fmt != "fp32"
             y = g.MatMul(x, self.float_constant(g, f"{module}.weight_t", w.float().t().contiguous().numpy(), half))
-        if f"{module}.bias" in self.keys:
-            t = self.kept(f"{module}.bias")
-            y = g.Add(y, self.float_constant(g, f"{module}.bias", t.float().numpy(), t.dtype == torch.float16))
-        return y
+        return self._bias(g, y, module)
+
+    def linears(self, g: GraphBuilder, x: ir.Value, mods: list) -> list[ir.Value]:
+        """y_i = x W_i^T (+ b_i) for linears that read the same x. In the fused graph (MatMulNBits, one width and
+        group size): ONE MatMulNBits over their rows stacked [N_1 + N_2 + ..., K] (rows are independent: the same
+        codes, one kernel), then a Split."""
+        names = [m if isinstance(m, str) else self.name(m) for m in mods]
+        if not (self.fused and len(names) > 1 and all(self.is_quantized(n) for n in names)):
+            return [self.linear(g, x, m) for m in mods]
+        parts = [self._qparts(n) for n in names]
+        if len({(p[3], p[4], p[0].shape[1], p[2] is None) for p in parts}) != 1:
+            return [self.linear(g, x, m) for m in mods]
+        _, nb, _ = parts[0][0].shape
+        bits, G = parts[0][3], parts[0][4]
+        stem = names[0].rsplit(".", 1)[0]
+        key = f"{stem}.{'+'.join(n.rsplit('.', 1)[1] for n in names)}"
+        widths = [p[0].shape[0] for p in parts]
+        b = self._once(g, f"{key}.qweight", lambda: g.initializer(f"{key}.qweight", np.concatenate([p[0] for p in parts])))
+        s = self._once(g, f"{key}.scales", lambda: g.initializer(
+            f"{key}.scales", np.concatenate([p[1] for p in parts]).reshape(-1)))
+        ins = [x, b, s]
+        if parts[0][2] is not None:
+            ins.append(self._once(g, f"{key}.qzeros", lambda: g.initializer(
+                f"{key}.qzeros", np.concatenate([p[2] for p in parts]).reshape(-1))))
+        y = g.MatMulNBits(*ins, _domain=MS_DOMAIN, K=nb * G, N=sum(widths), bits=bits, block_size=G,
+                          accuracy_level=self.accuracy_level)
+        ys = g.Split(y, g.const(widths), axis=-1, _outputs=len(widths))
+        return [self._bias(g, yi, n) for yi, n in zip(ys, names)]
+
+    def _bias(self, g: GraphBuilder, y: ir.Value, module: str) -> ir.Value:
+        if f"{module}.bias" not in self.keys:
+            return y
+        t = self.kept(f"{module}.bias")
+        return g.Add(y, self.float_constant(g, f"{module}.bias", t.float().numpy(), t.dtype == torch.float16))
 
     def bits(self, module: str) -> int:
         """Code width of a quantized module (the quantize stage's rule: the embedding at embedding_bits)."""

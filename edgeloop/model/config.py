@@ -32,6 +32,7 @@ class HyperloopConfig:
     num_loops: int = 4  # r, the trained loop count (the default of the export's num_loops input)
     max_loops: int = 0  # the most loops it may run: 0 = num_loops; more only without per-loop parameters
     kv_policy: str = "per-step"  # the KV cache across loops: "per-step" (a slot per loop) or "shared" (one)
+    kv_dtype: str = "float32"  # the KV cache's storage between steps: "float32" or "float16" (half the bytes)
     # hyper-connections: "dynamic" (mHC-style), "static" (lanes), "none" (plain looped)
     hc: str = "dynamic"
     n_streams: int = 4  # n; must be 1 when hc == "none"
@@ -83,12 +84,12 @@ class HyperloopConfig:
     def unique_layers(self) -> int:
         return self.n_begin + self.n_middle + self.n_end
 
-    def kv_layout(self, policy: str | None = None, dtype: str = "float32"):
+    def kv_layout(self, policy: str | None = None, dtype: str | None = None):
         """The KV-cache slots (edgeloop.kv.Layout: the one statement of the convention) under `policy`
-        (default kv_policy), covering loop_limit loops."""
+        (default kv_policy) in `dtype` (default kv_dtype), covering loop_limit loops."""
         from edgeloop.kv import Layout
 
-        return Layout.of_config(self, policy or self.kv_policy, dtype)
+        return Layout.of_config(self, policy or self.kv_policy, dtype or self.kv_dtype)
 
     def slot(self, loop: int, layer: int) -> int:
         """KV-cache slot of middle layer `layer` in loop `loop` (begin, then loop-major middle, then end)."""
@@ -117,6 +118,8 @@ class HyperloopConfig:
                 raise bad(name, f"must be one of {names(name)}")
         if self.kv_policy not in KV_POLICIES:
             raise bad("kv_policy", f"must be one of {KV_POLICIES}")
+        if self.kv_dtype not in ("float32", "float16"):
+            raise bad("kv_dtype", "must be float32 or float16")
         if self.max_loops and self.max_loops < self.num_loops:
             raise bad("max_loops", f"must be 0 or at least num_loops={self.num_loops}")
         if self.max_loops > self.num_loops and self.has_loop_params:

@@ -30,11 +30,11 @@ def perplexity(model: Hyperloop, ids: np.ndarray, ctx: int | None = None, stride
 
 @torch.no_grad()
 def decode_perplexity(model: Hyperloop, ids: np.ndarray, policy: str | None = None, num_loops: int | None = None,
-                      exit_threshold: float | None = None) -> tuple[float, int]:
-    """exp(mean NLL) of ids[1:] fed one token at a time through a KVCache under `policy` (per-step or shared);
-    returns (ppl, tokens scored)."""
+                      exit_threshold: float | None = None, dtype: torch.dtype | None = None) -> tuple[float, int]:
+    """exp(mean NLL) of ids[1:] fed one token at a time through a KVCache under `policy` (per-step or shared)
+    holding `dtype` (default the config's kv_dtype); returns (ppl, tokens scored)."""
     ids_t = torch.as_tensor(np.asarray(ids, dtype=np.int64))[: model.cfg.max_seq_len]
-    cache, nll = KVCache(model.cfg, policy), 0.0
+    cache, nll = KVCache(model.cfg, policy, dtype), 0.0
     for t in range(len(ids_t) - 1):
         logits = model(ids_t[None, t:t + 1], num_loops=num_loops, cache=cache, exit_threshold=exit_threshold)[0]
         nll += F.cross_entropy(logits.float(), ids_t[t + 1:t + 2], reduction="sum").item()

@@ -40,9 +40,18 @@ class KVCache:
     layers, then the middle ones (per-step: loop-major (loop, middle layer); shared: one per middle layer),
     then end. Keys/values are [B, n_kv_heads, P, head_dim]; slots of loops not run keep what they had."""
 
-    def __init__(self, cfg: HyperloopConfig, policy: str | None = None):
+    def __init__(self, cfg: HyperloopConfig, policy: str | None = None, dtype: torch.dtype | None = None):
         self.cfg, self.layout = cfg, cfg.kv_layout(policy)
+        self.dtype = dtype or {"float32": torch.float32, "float16": torch.float16}[self.layout.dtype]
         self.slots: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * self.layout.layers
+
+    def load(self, i: int):
+        """Slot i as fp32 (None: empty); the slots hold `dtype` (an fp16 cache: as the fp16-KV export stores it)."""
+        s = self.slots[i]
+        return None if s is None else (s[0].float(), s[1].float())
+
+    def store(self, i: int, kv) -> None:
+        self.slots[i] = (kv[0].to(self.dtype), kv[1].to(self.dtype))
 
     @property
     def length(self) -> int:
@@ -148,7 +157,7 @@ class Hyperloop(nn.Module):
         e = x
         state = self.hc.init(e, init_scale)
         shared = None if cache is None or not cache.layout.shared else \
-            [cache.slots[cache.layout.slot(0, j)] for j in range(cfg.n_middle)]  # every loop attends to these
+            [cache.load(cache.layout.slot(0, j)) for j in range(cfg.n_middle)]  # every loop attends to these
         gate = self.exit_gate.start(e) if self.exit_gate is not None else None
         q = cfg.early_exit_threshold if exit_threshold is None else float(exit_threshold)
         at = exit_at_step if exit_at_step is not None and 0 <= exit_at_step < r else None
@@ -204,10 +213,10 @@ class Hyperloop(nn.Module):
     @staticmethod
     def _run(blocks, x, first_slot, rope, mask, cache, pasts=None):
         for j, block in enumerate(blocks):
-            past = pasts[j] if pasts is not None else cache.slots[first_slot + j] if cache is not None else None
+            past = pasts[j] if pasts is not None else cache.load(first_slot + j) if cache is not None else None
             x, present = block(x, rope, mask, past)
             if cache is not None:
-                cache.slots[first_slot + j] = present
+                cache.store(first_slot + j, present)
         return x
 
     @staticmethod

@@ -82,24 +82,42 @@ def resolve_reference(export_dir: Path, reference: str | os.PathLike | None) -> 
                             f"(source: {source or '?'}); pass --reference FP_DIR")
 
 
-def kv_policy_drift(rt, model, ids: np.ndarray, exit_threshold: float | None, step) -> dict:
-    """A shared-KV export against the per-step cache it replaces, token by token through the cache (a
-    full-window perplexity reads no cache, so it cannot see the policy): the export's decode perplexity, the
-    PyTorch reference's under the same policy and under per-step, and the drift of shared vs per-step."""
+def kv_cache_drift(rt, model, ids: np.ndarray, exit_threshold: float | None, step) -> dict:
+    """What the export's KV cache does to quality, token by token through the cache (a full-window perplexity
+    reads no cache, so it cannot see it): the export's decode perplexity, the PyTorch reference's with the
+    export's cache (policy and dtype) and with an fp32 cache, and for a shared cache the per-step one."""
+    import torch
+
     from edgeloop.model.evaluate import decode_perplexity
 
     q = rt._threshold(exit_threshold) if rt.gated else None
-    label = "KV policy: decode perplexities (export, reference shared, reference per-step)"
-    step(label, 0, 3)
+    runs = {"export's cache": None, "fp32 cache": ("same", torch.float32)}
+    if rt.kv.dtype != "float32":
+        runs["export's cache"] = ("same", torch.float16)
+    if rt.kv.shared:
+        runs["per-step fp32 cache"] = ("per-step", torch.float32)
+    label, done, out = "KV cache: decode perplexities, token by token", 0, {}
+    step(label, 0, len(runs) + 1)
     got, n = rt.decode_perplexity(ids, exit_threshold=q)
-    step(label, 1, 3)
-    same, _ = decode_perplexity(model, ids, "shared", rt.num_loops, q)
-    step(label, 2, 3)
-    per_step, _ = decode_perplexity(model, ids, "per-step", rt.num_loops, q)
-    step(label, 3, 3)
-    return {"policy": "shared", "tokens": n, "decode_ppl": got, "reference_decode_ppl": same,
-            "reference_decode_ppl_per_step": per_step, "drift_vs_reference_pct": 100 * (got - same) / same,
-            "shared_vs_per_step_pct": 100 * (same - per_step) / per_step}
+    for name, spec in runs.items():
+        done += 1
+        step(label, done, len(runs) + 1)
+        if spec is None:  # an fp32 cache under the export's policy: the same run as "fp32 cache"
+            continue
+        policy, dtype = spec
+        out[name] = decode_perplexity(model, ids, rt.kv.policy if policy == "same" else policy, rt.num_loops, q,
+                                      dtype)[0]
+    step(label, len(runs) + 1, len(runs) + 1)
+    fp32 = out["fp32 cache"]
+    res = {"policy": rt.kv.policy, "dtype": rt.kv.dtype, "tokens": n, "decode_ppl": got,
+           "reference_decode_ppl": out.get("export's cache", fp32), "reference_decode_ppl_fp32_cache": fp32,
+           "drift_vs_fp32_cache_pct": 100 * (got - fp32) / fp32}
+    if rt.kv.dtype != "float32":
+        res["fp16_vs_fp32_cache_pct"] = 100 * (out["export's cache"] - fp32) / fp32
+    if rt.kv.shared:
+        per = out["per-step fp32 cache"]
+        res.update(reference_decode_ppl_per_step=per, shared_vs_per_step_pct=100 * (fp32 - per) / per)
+    return res
 
 
 def reference_model(ref_dir: Path):
@@ -162,8 +180,9 @@ def evaluate_drift(export_dir: str | os.PathLike, reference: str | os.PathLike |
     step("reference", 1, 1)
     assert ref_n == n
     m = rt.manifest
-    kv = kv_policy_drift(rt, model, ids[:kv_tokens], exit_threshold, step) if rt.kv.shared and kv_tokens else None
-    return {"kv_policy": kv, "ppl": ppl, "reference_ppl": ref_ppl, "drift_pct": 100.0 * (ppl - ref_ppl) / ref_ppl,
+    cache_acts = rt.kv.shared or rt.kv.dtype != "float32"
+    kv = kv_cache_drift(rt, model, ids[:kv_tokens], exit_threshold, step) if cache_acts and kv_tokens else None
+    return {"kv_cache": kv, "ppl": ppl, "reference_ppl": ref_ppl, "drift_pct": 100.0 * (ppl - ref_ppl) / ref_ppl,
             "drift_abs": ppl - ref_ppl, "tokens": n, "ep": ep, "num_loops": rt.num_loops, "ctx": ctx,
             "stride": ctx // 2, "reference": str(ref_dir), "model": str(export_dir), "format": m.get("format"),
             "text": str(text) if text else "demo validation split",

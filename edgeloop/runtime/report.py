@@ -73,11 +73,16 @@ def run_eval(out: Console, err: Console, model_dir: Path, reference: Optional[Pa
     t.add_row("reference (fp32 PyTorch)", f"{r['reference_ppl']:.4f}  ({r['reference']})")
     t.add_row("drift", f"{r['drift_abs']:+.4f} ({r['drift_pct']:+.3f}%)")
     t.add_row("tokens", f"{r['tokens']:,} scored from {r['text']}; windows of {r['ctx']}, stride {r['stride']}")
-    if r.get("kv_policy"):
-        k = r["kv_policy"]
-        t.add_row("KV shared across loops", f"decode perplexity {k['decode_ppl']:.4f} (reference {k['reference_decode_ppl']:.4f}); "
-                  f"shared vs per-step {k['shared_vs_per_step_pct']:+.3f}% (PyTorch, {k['tokens']} tokens one at a "
-                  f"time through the cache)")
+    if r.get("kv_cache"):
+        k = r["kv_cache"]
+        parts = [f"decode perplexity {k['decode_ppl']:.4f} vs {k['reference_decode_ppl_fp32_cache']:.4f} with an fp32 "
+                 f"cache ({k['drift_vs_fp32_cache_pct']:+.3f}%)"]
+        if "fp16_vs_fp32_cache_pct" in k:
+            parts.append(f"fp16 vs fp32 KV {k['fp16_vs_fp32_cache_pct']:+.3f}%")
+        if "shared_vs_per_step_pct" in k:
+            parts.append(f"shared vs per-step {k['shared_vs_per_step_pct']:+.3f}%")
+        t.add_row(f"KV cache ({k['policy']}, {k['dtype']})", "; ".join(parts) + f" (PyTorch where not the export; "
+                  f"{k['tokens']} tokens one at a time through the cache)")
     if r.get("placement"):
         t.add_row("placement", placement_text(r["placement"]))
     out.print(t)

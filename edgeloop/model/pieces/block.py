@@ -30,8 +30,8 @@ class PreNorm(nn.Module):
 
     def emit(self, g, w, x, ctx, past):
         a, k, v = self.attn.emit(g, w, self.norm1.emit(g, w, x), ctx, past)
-        x = g.Add(x, a)
-        return g.Add(x, self.mlp.emit(g, w, self.norm2.emit(g, w, x))), k, v
+        h, x = self.norm2.emit_skip(g, w, x, a)
+        return g.Add(x, self.mlp.emit(g, w, h)), k, v
 
 
 @register("block", "sandwich")
@@ -53,8 +53,8 @@ class Sandwich(nn.Module):
 
     def emit(self, g, w, x, ctx, past):
         a, k, v = self.attn.emit(g, w, self.norm1.emit(g, w, x), ctx, past)
-        x = self.norm2.emit(g, w, g.Add(x, a))
-        return self.norm4.emit(g, w, g.Add(x, self.mlp.emit(g, w, self.norm3.emit(g, w, x)))), k, v
+        x = self.norm2.emit_skip(g, w, x, a)[0]
+        return self.norm4.emit_skip(g, w, x, self.mlp.emit(g, w, self.norm3.emit(g, w, x)))[0], k, v
 
 
 @register("block", "prepost")
@@ -70,5 +70,5 @@ class PrePost(Sandwich):
 
     def emit(self, g, w, x, ctx, past):
         a, k, v = self.attn.emit(g, w, self.norm1.emit(g, w, x), ctx, past)
-        x = g.Add(x, self.norm2.emit(g, w, a))
-        return g.Add(x, self.norm4.emit(g, w, self.mlp.emit(g, w, self.norm3.emit(g, w, x)))), k, v
+        h, x = self.norm3.emit_skip(g, w, x, self.norm2.emit(g, w, a))
+        return g.Add(x, self.norm4.emit(g, w, self.mlp.emit(g, w, h))), k, v

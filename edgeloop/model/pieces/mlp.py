@@ -34,8 +34,11 @@ class SwiGLU(_MLP):
         return self.c_proj(F.silu(self.c_gate(x)) * self.c_fc(x))
 
     def emit(self, g, w, x):
-        h = w.linear(g, x, self.c_fc)
-        gate = w.linear(g, x, self.c_gate)
+        if w.fused:  # gate and up as one MatMulNBits
+            gate, h = w.linears(g, x, [self.c_gate, self.c_fc])
+        else:
+            h = w.linear(g, x, self.c_fc)
+            gate = w.linear(g, x, self.c_gate)
         return w.linear(g, g.Mul(g.Mul(gate, g.Sigmoid(gate)), h), self.c_proj)
 
 
@@ -60,8 +63,8 @@ class GeGLU(_MLP):
         return self.c_proj(F.gelu(self.c_gate(x), approximate="tanh") * self.c_fc(x))
 
     def emit(self, g, w, x):
-        a = w.linear(g, x, self.c_gate)
+        a, up = w.linears(g, x, [self.c_gate, self.c_fc]) if w.fused else (w.linear(g, x, self.c_gate), None)
         inner = g.Mul(g.Add(a, g.Mul(g.const(0.044715, np.float32), g.Mul(a, g.Mul(a, a)))),
                       g.const(math.sqrt(2 / math.pi), np.float32))
         gelu = g.Mul(g.Mul(a, g.const(0.5, np.float32)), g.Add(g.const(1.0, np.float32), g.Tanh(inner)))
-        return w.linear(g, g.Mul(gelu, w.linear(g, x, self.c_fc)), self.c_proj)
+        return w.linear(g, g.Mul(gelu, up if up is not None else w.linear(g, x, self.c_fc)), self.c_proj)

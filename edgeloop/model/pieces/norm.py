@@ -11,8 +11,12 @@ def rms_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-def emit_rms_norm(g, x, eps: float, weight=None):
-    """rms_norm as ReduceMean / Sqrt / Div [* weight]."""
+def emit_rms_norm(g, x, eps: float, weight=None, fused: bool = False, dim: int | None = None):
+    """rms_norm as ReduceMean / Sqrt / Div [* weight]; fused: one SimplifiedLayerNormalization (onnxruntime's
+    RMSNorm kernel; `dim` sizes its unit weight when there is none)."""
+    if fused:
+        w = weight if weight is not None else g.const(np.ones(dim, np.float32), np.float32)
+        return g.SimplifiedLayerNormalization(x, w, axis=-1, epsilon=float(eps), stash_type=1)
     ms = g.ReduceMean(g.Mul(x, x), g.const([-1]), keepdims=1)
     y = g.Div(x, g.Sqrt(g.Add(ms, g.const(eps, np.float32))))
     return y if weight is None else g.Mul(y, weight)
@@ -30,4 +34,13 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.eps) * self.weight
 
     def emit(self, g, w, x):
-        return emit_rms_norm(g, x, self.eps, w.param(g, self, "weight"))
+        return emit_rms_norm(g, x, self.eps, w.param(g, self, "weight"), fused=getattr(w, "fused", False))
+
+    def emit_skip(self, g, w, x, delta):
+        """(norm(x + delta), x + delta); fused: one SkipSimplifiedLayerNormalization (outputs 0 and 3)."""
+        if not getattr(w, "fused", False):
+            s = g.Add(x, delta)
+            return self.emit(g, w, s), s
+        out = g.SkipSimplifiedLayerNormalization(delta, x, w.param(g, self, "weight"), _domain="com.microsoft",
+                                                 _outputs=4, epsilon=float(self.eps))
+        return out[0], out[3]

@@ -1,0 +1,100 @@
+"""The fused graph (export --fused: onnxruntime's GroupQueryAttention, SimplifiedLayerNormalization,
+SkipSimplifiedLayerNormalization, q/k/v and gate/up as one MatMulNBits each) for every block and
+hyper-connection kind, inside the Loop, with fewer loops and left-padded batches; and the fp16 KV cache."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from edgeloop.export import ExportConfig, export_checkpoint
+from edgeloop.model.checkpoint import save_checkpoint
+from edgeloop.model.data import train_tokenizer
+from edgeloop.quantize import RTNConfig, quantize_checkpoint
+from tests.conftest import perturbed
+
+KINDS = ["test-dynamic", "test-static", "test-none", "test-huginn", "test-ouro", "test-geglu"]
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    tok = train_tokenizer("In the beginning God created the heaven and the earth.\n" * 50, 300)
+    out = {}
+    for name in KINDS:
+        root = tmp_path_factory.mktemp(name)
+        m = perturbed(name)
+        if m.exit_gate is not None:
+            with torch.no_grad():
+                m.exit_gate.weight.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+        save_checkpoint(m, root / "ck", tokenizer=tok)
+        quantize_checkpoint(root / "ck", root / "q", RTNConfig(group_size=32), progress=False)
+        out[name] = root
+    return out
+
+
+def ops(path) -> dict[str, int]:
+    """Every node of the model, subgraphs included, by op type."""
+    counts: dict[str, int] = {}
+
+    def walk(graph):
+        for n in graph.node:
+            counts[n.op_type] = counts.get(n.op_type, 0) + 1
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    walk(a.g)
+
+    walk(onnx.load(str(path), load_external_data=False).graph)
+    return counts
+
+
+@pytest.mark.parametrize("name", KINDS)
+def test_fused_export_passes_parity_with_the_fused_kernels(quantized, name):
+    root = quantized[name]
+    rep = export_checkpoint(root / "q", root / "fused", ExportConfig(fused=True, decode_steps=6))
+    m = json.loads((root / "fused" / "manifest.json").read_text())
+    assert m["fused"] and rep["parity"]["left_padded_batch"]["batch"] == 2  # parity-checked, padding included
+    c = ops(root / "fused" / "model.onnx")
+    cfg = perturbed(name).cfg
+    blocks = cfg.n_begin + cfg.n_middle + cfg.n_end
+    # one GroupQueryAttention per begin / end block, one per loop leaf of each middle block's If tree
+    assert c["GroupQueryAttention"] >= blocks and "Softmax" not in c
+    assert c.get("SimplifiedLayerNormalization", 0) + c.get("SkipSimplifiedLayerNormalization", 0) >= blocks
+    assert c["MatMulNBits"] <= 4 * blocks + 2  # q/k/v one, out one, gate/up one, down one (+ inject, head)
+
+
+def test_fused_runtime_left_padded_batch_equals_one_by_one(quantized):
+    from edgeloop.runtime import Runtime
+
+    root = quantized["test-dynamic"]
+    x = root / "fused-rt"
+    export_checkpoint(root / "q", x, ExportConfig(fused=True, decode_steps=2))
+    rt = Runtime(x, threads=1)
+    prompts = [[5, 17, 42, 7, 99, 3, 8], [11, 12], [250, 1, 2, 3]]
+    batch = rt.generate_ids(prompts, 8, stop=())
+    assert batch.tokens == [rt.generate_ids([p], 8, stop=()).tokens[0] for p in prompts]
+    assert [rt.generate_ids([p], 6, stop=(), num_loops=1).tokens[0] for p in prompts] != batch.tokens  # loops matter
+
+
+def test_fp16_kv_cache_halves_the_cache_and_reports_its_drift(quantized):
+    from edgeloop.runtime import Runtime
+    from edgeloop.runtime.drift import evaluate_drift
+
+    root = quantized["test-huginn"]
+    x = root / "kv16"
+    export_checkpoint(root / "ck", x, ExportConfig(kv_dtype="float16", decode_steps=6))
+    rt = Runtime(x, threads=1)
+    assert rt.kv.dtype == "float16" and rt.empty_past(1)["past_key_values.0.key"].dtype == np.float16
+    names = [o.name for o in rt.session.get_outputs()]
+    x1 = np.array([[5, 17, 42]], np.int64)
+    outs = rt.session.run(None, {"input_ids": x1, "attention_mask": np.ones_like(x1),
+                                 "position_ids": np.arange(3)[None], **rt.empty_past(1)})
+    assert outs[names.index("present.0.key")].dtype == np.float16
+    fp32 = root / "kv32"
+    export_checkpoint(root / "ck", fp32, ExportConfig(decode_steps=2))
+    assert Runtime(fp32, threads=1).kv_bytes_per_token() == 2 * rt.kv_bytes_per_token()
+    (root / "text.txt").write_text("In the beginning God created the heaven and the earth.\n" * 8)
+    r = evaluate_drift(x, tokens=200, text=root / "text.txt", threads=1, kv_tokens=40)
+    k = r["kv_cache"]  # token by token through the cache: the fp16 cache against an fp32 one
+    assert k["dtype"] == "float16" and k["policy"] == "shared" and abs(k["fp16_vs_fp32_cache_pct"]) < 1.0
+    assert abs(k["decode_ppl"] / k["reference_decode_ppl"] - 1) < 1e-3 and "shared_vs_per_step_pct" in k
