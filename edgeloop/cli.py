@@ -451,11 +451,15 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="loopback address to bind (127.0.0.1 or ::1)"),
     port: int = typer.Option(8008, help="TCP port (0 = any free port)"),
     verbose: bool = typer.Option(False, "--verbose", help="log every request"),
+    web_modules: Optional[Path] = typer.Option(
+        None, "--web-modules", help="a node_modules folder with onnxruntime-web and @huggingface/tokenizers "
+        "(default: the installed page's node_modules, else the checkout's web/node_modules)"),
 ):
-    """The in-browser demo (web/, onnxruntime-web: WebGPU or WASM) with MODEL_DIR, on loopback only."""
+    """The in-browser demo (onnxruntime-web: WebGPU or WASM) with MODEL_DIR, on loopback only."""
     from edgeloop.runtime.serve import serve as run_serve
 
-    run_serve(model_dir, host, port, quiet=not verbose, say=lambda s: out.print(s, highlight=False, soft_wrap=True))
+    run_serve(model_dir, host, port, quiet=not verbose, say=lambda s: out.print(s, highlight=False, soft_wrap=True),
+              modules=web_modules)
 
 
 def _ints(flag: str, text: Optional[str]) -> Optional[tuple[int, ...]]:

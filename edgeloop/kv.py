@@ -12,7 +12,8 @@ for each slot i: begin layers, then the middle layers, then end layers. Two poli
               last loop's. KV bytes per token do not grow with the loop count, and any token may run any
               number of loops (Huginn's compress-s4 cache).
 The first step feeds empty pasts ([B, kv_heads, 0, head_dim]); each step's presents are the next step's
-pasts. manifest.json records the names and the layout ("kv"), and web/edgeloop.mjs reads them from there.
+pasts. manifest.json records the names and the layout ("kv"), and edgeloop/runtime/web/edgeloop.mjs reads them from
+there.
 """
 from __future__ import annotations
 

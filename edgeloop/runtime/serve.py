@@ -1,7 +1,8 @@
-"""`edgeloop serve MODEL_DIR`: the in-browser demo (web/) and an export folder over HTTP on loopback only.
+"""`edgeloop serve MODEL_DIR`: the in-browser demo and an export folder over HTTP on loopback only.
 
-    /                       web/index.html (the page), /app.mjs, /edgeloop.mjs
-    /node_modules/...       web/node_modules (onnxruntime-web, @huggingface/tokenizers; `npm ci --prefix web`)
+    /                       the page: edgeloop/runtime/web/index.html (package data), /app.mjs, /edgeloop.mjs
+    /node_modules/...       onnxruntime-web and @huggingface/tokenizers: --web-modules DIR, else the package's
+                            web/node_modules, else a checkout's web/node_modules (`npm ci --prefix web`)
     /model/FILE             the export folder's files (model.onnx, model.onnx.data, manifest.json, ...)
 
 Every response carries Cross-Origin-Opener-Policy: same-origin and Cross-Origin-Embedder-Policy: require-corp,
@@ -18,13 +19,17 @@ import socket
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional
 from urllib.parse import unquote, urlsplit
 
 from edgeloop.runtime.session import RuntimeInputError, read_manifest
 
-WEB_DIR = Path(__file__).resolve().parents[2] / "web"
-# what the page imports from web/node_modules (see the import map in web/index.html)
+PAGE_DIR = Path(__file__).resolve().parent / "web"  # the page, package.json and package-lock.json (package data)
+_ROOT = Path(__file__).resolve().parents[2]
+# a source checkout's web/ (package.json links to PAGE_DIR's; `npm ci --prefix web` fills web/node_modules)
+CHECKOUT_WEB: Optional[Path] = (_ROOT / "web" if (_ROOT / "pyproject.toml").is_file()
+                                and (_ROOT / "web" / "package.json").is_file() else None)
+# what the page imports from node_modules (see the import map in index.html)
 NEEDED_MODULES = ("onnxruntime-web/dist/ort.wasm.min.mjs", "onnxruntime-web/dist/ort.webgpu.min.mjs",
                   "@huggingface/tokenizers/dist/tokenizers.min.mjs")
 PAGE_FILES = ("index.html", "app.mjs", "edgeloop.mjs")
@@ -33,15 +38,36 @@ MIME = {".wasm": "application/wasm", ".mjs": "text/javascript", ".js": "text/jav
         ".onnx": "application/octet-stream", ".data": "application/octet-stream", ".css": "text/css"}
 
 
-def check_web_dir(web: Path = WEB_DIR) -> None:
-    """Raise RuntimeInputError (one line) unless web/ holds the page and its installed JavaScript."""
-    if not all((web / f).is_file() for f in PAGE_FILES):
-        raise RuntimeInputError(f"{web}: the in-browser demo's files are missing (edgeloop serve runs from a source "
-                                "checkout installed with pip install -e .)")
-    lost = [m for m in NEEDED_MODULES if not (web / "node_modules" / m).is_file()]
+def check_page_dir(web: Path = PAGE_DIR) -> None:
+    """Raise RuntimeInputError (one line) unless `web` holds the page's files."""
+    lost = [f for f in PAGE_FILES if not (web / f).is_file()]
     if lost:
-        raise RuntimeInputError(f"{web / 'node_modules'}: the page's JavaScript is not installed ({lost[0]} missing); "
-                                f"run: npm ci --prefix {web}")
+        raise RuntimeInputError(f"{web}: the in-browser demo's {lost[0]} is missing (reinstall edgeloop)")
+
+
+def _missing_module(modules: Path) -> Optional[str]:
+    return next((m for m in NEEDED_MODULES if not (modules / m).is_file()), None)
+
+
+def find_modules(explicit: Optional[Path] = None, web: Path = PAGE_DIR) -> Path:
+    """The node_modules folder to serve: `explicit` (--web-modules), else web/node_modules, else a checkout's
+    web/node_modules; one-line RuntimeInputError naming the `npm ci --prefix DIR` to run when none has them."""
+    if explicit is not None:
+        modules = Path(explicit).expanduser().resolve()
+        lost = _missing_module(modules)
+        if lost:
+            prefix = CHECKOUT_WEB or web
+            raise RuntimeInputError(f"--web-modules {modules}: {lost} missing (DIR is a node_modules folder: "
+                                    f"npm ci --prefix {prefix} makes {prefix / 'node_modules'})")
+        return modules
+    places = [web / "node_modules"] + ([CHECKOUT_WEB / "node_modules"] if CHECKOUT_WEB is not None else [])
+    for modules in places:
+        if _missing_module(modules) is None:
+            return modules
+    lost = _missing_module(places[-1])
+    raise RuntimeInputError(f"{places[-1]}: the page's JavaScript is not installed ({lost} missing); run: "
+                            f"npm ci --prefix {CHECKOUT_WEB or web} (the folder with its package.json), "
+                            "or pass --web-modules DIR")
 
 
 def check_host(host: str) -> str:
@@ -56,16 +82,16 @@ def check_host(host: str) -> str:
 
 
 class DemoHandler(http.server.SimpleHTTPRequestHandler):
-    """Static files from web/ and the export folder, with COOP/COEP and the right MIME types; no listings."""
+    """The page, node_modules and the export folder, with COOP/COEP and the right MIME types; no listings."""
 
     extensions_map = {**http.server.SimpleHTTPRequestHandler.extensions_map, **MIME}
 
-    def __init__(self, *args, web: Path, model: Path, quiet: bool = True, **kw):
-        self.web, self.model, self.quiet = web, model, quiet
+    def __init__(self, *args, web: Path, modules: Path, model: Path, quiet: bool = True, **kw):
+        self.web, self.modules, self.model, self.quiet = web, modules, model, quiet
         super().__init__(*args, directory=str(web), **kw)
 
     def translate_path(self, path: str) -> str:
-        """/model/X -> MODEL_DIR/X, /node_modules/X -> web/node_modules/X, / -> web/index.html, /X -> web/X
+        """/model/X -> MODEL_DIR/X, /node_modules/X -> MODULES/X, / -> web/index.html, /X -> web/X
         (page files only); anything else (or a '..' step) maps to a path that does not exist -> 404."""
         parts = [p for p in posixpath.normpath(unquote(urlsplit(path).path)).split("/") if p and p != "."]
         nowhere = str(self.web / "__no_such_file__")
@@ -76,7 +102,7 @@ class DemoHandler(http.server.SimpleHTTPRequestHandler):
         if parts[0] == "model" and len(parts) == 2:
             return str(self.model / parts[1])
         if parts[0] == "node_modules" and len(parts) > 1:
-            return str(self.web.joinpath(*parts))
+            return str(self.modules.joinpath(*parts[1:]))
         if len(parts) == 1 and parts[0] in PAGE_FILES:
             return str(self.web / parts[0])
         return nowhere
@@ -101,26 +127,29 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
 
 
-def make_server(model_dir: Path, host: str = "127.0.0.1", port: int = 8008, web: Path = WEB_DIR,
-                quiet: bool = True) -> http.server.ThreadingHTTPServer:
-    """A server (not yet serving) for the page and `model_dir`; one-line RuntimeInputError for every problem."""
+def make_server(model_dir: Path, host: str = "127.0.0.1", port: int = 8008, web: Path = PAGE_DIR,
+                quiet: bool = True, modules: Optional[Path] = None) -> http.server.ThreadingHTTPServer:
+    """A server (not yet serving) for the page in `web`, the JavaScript in `modules` (None: find_modules) and
+    `model_dir`; one-line RuntimeInputError for every problem."""
     model_dir = Path(model_dir).resolve()
     read_manifest(model_dir)  # NotAnExportError for a folder that is not an export
     host = check_host(host)
     if not 0 <= port <= 65535:
         raise RuntimeInputError(f"--port {port}: must be in 0..65535 (0 = any free port)")
-    check_web_dir(web)
+    check_page_dir(web)
+    modules = find_modules(modules, web)
     server_cls = type("_Server6", (_Server,), {"address_family": socket.AF_INET6}) if ":" in host else _Server
     try:
-        return server_cls((host, port), partial(DemoHandler, web=web, model=model_dir, quiet=quiet))
+        return server_cls((host, port), partial(DemoHandler, web=web, modules=modules, model=model_dir,
+                                                    quiet=quiet))
     except OSError as e:
         raise RuntimeInputError(f"cannot listen on {host}:{port} ({e.strerror or e})") from None
 
 
 def serve(model_dir: Path, host: str = "127.0.0.1", port: int = 8008, quiet: bool = True,
-          say: Callable[[str], None] = print) -> None:
+          say: Callable[[str], None] = print, modules: Optional[Path] = None) -> None:
     """Serve until interrupted; says the URL first (one line, flushed: scripts read it)."""
-    server = make_server(model_dir, host, port, quiet=quiet)
+    server = make_server(model_dir, host, port, quiet=quiet, modules=modules)
     h, p = server.server_address[:2]
     url = f"http://{'[' + h + ']' if ':' in h else h}:{p}/"
     missing = [f for f in ("tokenizer.json", "tokenizer_config.json") if not (Path(model_dir) / f).is_file()]

@@ -18,9 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from edgeloop.runtime.serve import PAGE_FILES, WEB_DIR, check_web_dir, make_server
+from edgeloop.runtime import serve
+from edgeloop.runtime.serve import PAGE_FILES, find_modules, make_server
 from edgeloop.runtime.session import NotAnExportError, RuntimeInputError
 from tests.conftest import ROOT, run_cli
+
+WEB = ROOT / "web"  # package.json (npm ci --prefix web), test/e2e.mjs and node_modules; the page is package data
 
 PROMPT = "In the beginning God created the heaven and the earth."
 N_TOKENS = 32
@@ -91,8 +94,40 @@ def test_serve_refuses_bad_folders_hosts_and_missing_javascript(tmp_path, monkey
     assert code == 2 and "loopback" in err and len(err.strip().splitlines()) == 1
     with pytest.raises(NotAnExportError):
         make_server(tmp_path, web=_fake_web(tmp_path / "web"))
+    monkeypatch.setattr(serve, "CHECKOUT_WEB", None)  # not the checkout's web/node_modules either
     with pytest.raises(RuntimeInputError, match=r"npm ci --prefix"):
         make_server(model, "127.0.0.1", 0, web=_fake_web(tmp_path / "bare", node_modules=False))
+
+
+def test_serve_finds_the_pages_javascript_in_order(tmp_path, monkeypatch, capsys):
+    """--web-modules DIR, else the page folder's node_modules, else the checkout's web/node_modules."""
+    model = _fake_export(tmp_path / "export")
+    page = _fake_web(tmp_path / "page", node_modules=False)
+    checkout = _fake_web(tmp_path / "checkout")
+    mine = _fake_web(tmp_path / "mine") / "node_modules"
+    monkeypatch.setattr(serve, "CHECKOUT_WEB", checkout)
+    assert find_modules(web=page) == checkout / "node_modules"
+    assert find_modules(web=_fake_web(tmp_path / "full")) == tmp_path / "full" / "node_modules"
+    assert find_modules(mine, web=page) == mine.resolve()
+    with pytest.raises(RuntimeInputError, match=r"^--web-modules .*missing.*npm ci --prefix"):
+        find_modules(tmp_path / "page", web=page)  # the folder above node_modules: not what DIR means
+    (mine / "onnxruntime-web/dist/ort.wasm.min.mjs").write_text("export const mine = 1;")
+    server = make_server(model, "127.0.0.1", 0, web=page, modules=mine)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        got = _get(f"http://127.0.0.1:{server.server_address[1]}/node_modules/onnxruntime-web/dist/ort.wasm.min.mjs")
+        assert got[0] == 200 and got[2] == b"export const mine = 1;"
+    finally:
+        server.shutdown()
+        server.server_close()
+    code, out, err = run_cli(monkeypatch, capsys, "serve", model, "--web-modules", tmp_path / "nope")
+    assert code == 2 and "--web-modules" in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_page_ships_in_the_package_and_web_installs_its_lockfile():
+    serve.check_page_dir()  # edgeloop/runtime/web: index.html, app.mjs, edgeloop.mjs
+    for f in ("package.json", "package-lock.json"):  # web/F links to the package's, so npm ci --prefix web
+        assert (WEB / f).read_bytes() == (serve.PAGE_DIR / f).read_bytes(), f  # installs the shipped lockfile
 
 
 def _missing_tools() -> str | None:
@@ -100,10 +135,10 @@ def _missing_tools() -> str | None:
         return "node is not installed"
     if not os.access(CHROMIUM, os.X_OK):
         return f"Chromium is not installed at {CHROMIUM} (bash scripts/system-deps.sh)"
-    if not (WEB_DIR / "node_modules" / "playwright-core" / "package.json").is_file():
-        return f"playwright-core is not installed: run npm ci --prefix {WEB_DIR}"
+    if not (WEB / "node_modules" / "playwright-core" / "package.json").is_file():
+        return f"playwright-core is not installed: run npm ci --prefix {WEB}"
     try:
-        check_web_dir()
+        find_modules()
     except RuntimeInputError as e:
         return str(e)
     return None
@@ -136,7 +171,7 @@ def _run_page(folder: Path, prompt: str, n: int) -> dict:
         pytest.skip(missing)
     proc, url = _start_serve(folder)
     try:
-        run = subprocess.run(["node", str(WEB_DIR / "test" / "e2e.mjs"), "--url", url, "--prompt", prompt,
+        run = subprocess.run(["node", str(WEB / "test" / "e2e.mjs"), "--url", url, "--prompt", prompt,
                               "--tokens", str(n), "--ep", "wasm", "--chromium", CHROMIUM],
                              capture_output=True, text=True, timeout=120)
     finally:
