@@ -81,10 +81,12 @@ def main() -> None:
     stages = {
         "import": [*edge, "import", str(w / "hf"), "-o", str(w / "ck"), "--json"],
         "quantize": [*edge, "quantize", str(w / "ck"), "-o", str(w / "q"), "--method", "rtn", "--json"],
+        # int8 activations (accuracy level 4) over 24 random-weight layers x 2 loops err by ~0.5 logits (the trained
+        # demo: 0.17): the parity check runs at a 1.0 tolerance here, said in each manifest
         "export per-step": [*edge, "export", str(w / "q"), "-o", str(w / "x-per-step"), "--external-data",
-                            "--accuracy-level", "4", "--json"],
+                            "--accuracy-level", "4", "--tolerance", "1.0", "--json"],
         "export shared": [*edge, "export", str(w / "q"), "-o", str(w / "x-shared"), "--external-data",
-                          "--accuracy-level", "4", "--kv-policy", "shared", "--json"],
+                          "--accuracy-level", "4", "--kv-policy", "shared", "--tolerance", "1.0", "--json"],
     }
     res["stages"] = {}
     for name, cmd in stages.items():

@@ -189,6 +189,8 @@ def export_cmd(
                                                "and 2r where more loops may run; 1,2 past 1B parameters)"),
     parity_steps: Optional[int] = typer.Option(None, help="parity check: decode steps (default 16; 2 past 1B "
                                                "parameters)"),
+    tolerance: Optional[float] = typer.Option(None, help="parity check: the max |logit error| allowed (default: "
+                                              "1e-4 fp32, 1e-3 INT4, 0.5 at accuracy level 4)"),
     overwrite: bool = typer.Option(False),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
@@ -202,7 +204,7 @@ def export_cmd(
                       opset=opset, verify=verify, external_data=external_data, ort=ort, kv_policy=kv_policy,
                       kv_dtype=kv_dtype,
                       max_loops=max_loops, init_state=init_state, seed=seed, decode_steps=parity_steps, fused=fused,
-                      parity_loops=_ints("--parity-loops", parity_loops))
+                      parity_loops=_ints("--parity-loops", parity_loops), tolerance=tolerance)
     with err.status("exporting") as status, temporary_checkpoint(in_dir, out_dir, overwrite) as src:
         s = export_checkpoint(src, out_dir, ec, overwrite=overwrite, source=in_dir,
                               progress=lambda msg: status.update(f"export: {msg}"))

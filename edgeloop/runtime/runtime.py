@@ -117,19 +117,34 @@ class Runtime:
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         return self.kv.empty_past(batch)
 
-    def forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: dict[str, np.ndarray],
-                num_loops: int, exit_threshold: float | None = None) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: dict,
+                num_loops: int, exit_threshold: float | None = None,
+                keep_kv: bool = False) -> tuple[np.ndarray, dict]:
         """(logits [B,S,V], the next past) for new tokens `ids` [B,S] after `past`. An exit-gated export takes
-        exit_threshold (default the model's) and leaves the loop each token exited at in last_exit_step."""
+        exit_threshold (default the model's) and leaves the loop each token exited at in last_exit_step.
+        keep_kv: the next past stays in onnxruntime's buffers (OrtValues, fed back as they are: no copy of the
+        cache into numpy and back every step; generate does this); otherwise numpy arrays."""
+        import onnxruntime as ort
+
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **past}
         if self.has_num_loops:
             feeds["num_loops"] = np.array(num_loops, np.int64)
         if self.gated:
             feeds["exit_threshold"] = np.array(self._threshold(exit_threshold), np.float32)
-        outs = self.session.run(self.out_names, feeds)
+        if keep_kv or any(isinstance(v, ort.OrtValue) for v in past.values()):
+            ov = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
+                  for k, v in feeds.items()}
+            outs = self.session.run_with_ort_values(self.out_names, ov)
+            arrays = {n: outs[i].numpy() for i, n in enumerate(self.out_names) if n in ("logits", "exit_step")}
+            nxt = next_past(self.out_names, outs)
+            if not keep_kv:
+                nxt = {k: v.numpy() for k, v in nxt.items()}
+        else:
+            outs = self.session.run(self.out_names, feeds)
+            arrays, nxt = dict(zip(self.out_names, outs)), next_past(self.out_names, outs)
         if self.gated:
-            self.last_exit_step = outs[self.out_names.index("exit_step")]
-        return outs[self.out_names.index("logits")], next_past(self.out_names, outs)
+            self.last_exit_step = arrays["exit_step"]
+        return arrays["logits"], nxt
 
     def _threshold(self, q: float | None) -> float:
         if q is None:
@@ -196,7 +211,7 @@ class Runtime:
             if pos.max() >= self.ctx:  # the next token would have no rotary position
                 finish = [f if d else "context" for f, d in zip(finish, done)]
                 break
-            logits, past = self.forward(ids, mask, pos, past, L, q)
+            logits, past = self.forward(ids, mask, pos, past, L, q, keep_kv=True)
             nxt = np.full(B, self.pad, np.int64)
             for b in np.flatnonzero(~done):
                 t = choose(logits[b, -1], rows[b] + new[b], rng, temperature, top_k, top_p, repetition_penalty)
