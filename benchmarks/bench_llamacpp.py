@@ -32,18 +32,28 @@ SHAPES = {"standard": dict(n_begin=0, n_middle=12, n_end=0, num_loops=1),
 PROMPT, NEW = 128, 128
 
 
+# llama.cpp built for this CPU (-march=native) turns on its AMX kernels where /proc/cpuinfo lists AMX; a VM that
+# does not grant the AMX permission then dies with SIGILL in the quantized matmuls. Build for AVX2 / AVX-512 instead.
+CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON "
+              "-DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON "
+              "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
+
+
 def ensure_packages() -> None:
+    import os
+
     missing = [p for p, m in (("llama-cpp-python==0.3.36", "llama_cpp"), ("gguf", "gguf"))
                if importlib.util.find_spec(m) is None]
     if missing:
         print(f"installing {', '.join(missing)} from PyPI (llama-cpp-python compiles llama.cpp: minutes)", flush=True)
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *missing], check=True)
+        env = {**os.environ, "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", CMAKE_ARGS)}
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *missing], check=True, env=env)
 
 
 def config(shape: str, small: bool):
     from edgeloop.model.config import HyperloopConfig
 
-    dims = dict(SHAPE, d_model=256, n_heads=4, n_kv_heads=1, mlp_hidden=704) if small else SHAPE
+    dims = dict(SHAPE, d_model=256, n_heads=4, n_kv_heads=1, mlp_hidden=768) if small else SHAPE
     return HyperloopConfig(**dims, **SHAPES[shape], hc="none", n_streams=1, injection="passthrough", block="prenorm",
                            mlp="swiglu", rotary="neox", qk_norm=False, loop_embedding=False, tie_embeddings=True,
                            norm_eps=1e-5, rope_theta=10000.0)
@@ -124,7 +134,7 @@ def check_gguf(model, path: Path) -> float:
     from llama_cpp import Llama
 
     ids = np.random.default_rng(0).integers(3, model.cfg.vocab_size, 24).tolist()
-    llm = Llama(str(path), n_ctx=64, logits_all=True, n_threads=2, verbose=False)
+    llm = Llama(str(path), n_ctx=64, logits_all=True, n_threads=2, verbose=False, type_k=0, type_v=0)  # f32 KV
     llm.eval(ids)
     got = np.array(llm.scores[: len(ids)])
     with torch.no_grad():

@@ -60,6 +60,17 @@ class Importer:
         raise NotImplementedError
 
 
+class HFImporter(Importer):
+    """A Hugging Face folder recognised by its config.json's model_type."""
+    model_type = ""
+
+    def detect(self, folder: Path) -> bool:
+        try:
+            return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type") == self.model_type
+        except (OSError, ValueError, AttributeError):
+            return False
+
+
 # ---- the registry -------------------------------------------------------------------------------
 IMPORTERS: dict[str, Importer] = {}
 

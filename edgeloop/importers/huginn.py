@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from edgeloop.importers.common import (Importer, ImporterError, Safetensors, Source, card, read_json, register,
+from edgeloop.importers.common import (HFImporter, ImporterError, Safetensors, Source, card, read_json, register,
                                        tokenizer_vocab)
 from edgeloop.model.config import ConfigError, HyperloopConfig
 
@@ -147,16 +147,10 @@ def pieces(t: torch.Tensor, take: slice | int | None) -> torch.Tensor:
 
 
 @register
-class Huginn(Importer):
-    name = MODEL_TYPE
+class Huginn(HFImporter):
+    name = model_type = MODEL_TYPE
     title = "Huginn-0125 (huginn_raven): config.json + safetensors shards, weights only"
     error = HuginnImportError
-
-    def detect(self, folder: Path) -> bool:
-        try:
-            return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type") == MODEL_TYPE
-        except (OSError, ValueError, AttributeError):
-            return False
 
     def read(self, folder: Path) -> Source:
         raw, cfg = config_of(folder)

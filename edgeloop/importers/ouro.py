@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from edgeloop.importers.common import (Importer, ImporterError, Safetensors, Source, card, read_json, register,
+from edgeloop.importers.common import (HFImporter, ImporterError, Safetensors, Source, card, read_json, register,
                                        tokenizer_vocab)
 from edgeloop.model.config import ConfigError, HyperloopConfig
 
@@ -113,16 +113,10 @@ def generation(folder: Path, raw: dict, tokenizer: Path | None) -> bytes:
 
 
 @register
-class Ouro(Importer):
-    name = MODEL_TYPE
+class Ouro(HFImporter):
+    name = model_type = MODEL_TYPE
     title = "Ouro (ouro): config.json + safetensors (sharded or not), weights only"
     error = OuroImportError
-
-    def detect(self, folder: Path) -> bool:
-        try:
-            return json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type") == MODEL_TYPE
-        except (OSError, ValueError, AttributeError):
-            return False
 
     def read(self, folder: Path) -> Source:
         raw, cfg = config_of(folder)

@@ -272,56 +272,45 @@ def threshold_sweep(rt, ids: np.ndarray, thresholds=THRESHOLDS, decode_tokens: i
     return rows
 
 
-def plot_threshold_sweep(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
-    """PNG: perplexity and mean loops per token (left), decode tokens/s (right) against the exit threshold."""
+def _plot(x: list, ppl: list, speed: list, xlabel: str, title: str, path, notes: list[str] | None = None,
+          xticks: bool = False) -> Path:
+    """PNG: perplexity (left axis, blue, optional notes at the points) and decode tokens/s (right, orange)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    q = [r["exit_threshold"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.plot(q, [r["ppl"] for r in rows], "o-", color="tab:blue", label="perplexity")
-    ax.set_xlabel("exit threshold q (>= 1: never early)")
+    ax.plot(x, ppl, "o-", color="tab:blue", label="perplexity")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("perplexity", color="tab:blue")
-    for r in rows:
-        ax.annotate(f"{r['mean_loops']:.2f} loops", (r["exit_threshold"], r["ppl"]), fontsize=7,
-                    textcoords="offset points", xytext=(0, 6), ha="center")
+    if xticks:
+        ax.set_xticks(x)
+    for xi, yi, note in zip(x, ppl, notes or []):
+        ax.annotate(note, (xi, yi), fontsize=7, textcoords="offset points", xytext=(0, 6), ha="center")
     ax2 = ax.twinx()
-    ax2.plot(q, [r["decode_tokens_per_s"] for r in rows], "s--", color="tab:orange")
+    ax2.plot(x, speed, "s--", color="tab:orange", label="decode tokens/s")
     ax2.set_ylabel("decode tokens/s", color="tab:orange")
-    ax.set_title(title or "early exit: quality vs speed")
+    ax.set_title(title)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_threshold_sweep(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """PNG: perplexity (with the mean loops per token) and decode tokens/s against the exit threshold."""
+    return _plot([r["exit_threshold"] for r in rows], [r["ppl"] for r in rows], [r["decode_tokens_per_s"] for r in rows],
+                 "exit threshold q (>= 1: never early)", title or "early exit: quality vs speed", path,
+                 [f"{r['mean_loops']:.2f} loops" for r in rows])
 
 
 def plot_sweep(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
     """PNG: perplexity (left axis) and decode tokens/s (right axis) against num_loops."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    L = [r["num_loops"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    ax.plot(L, [r["ppl"] for r in rows], "o-", color="tab:blue", label="perplexity")
-    ax.set_xlabel("num_loops (elastic depth)")
-    ax.set_ylabel("perplexity", color="tab:blue")
-    ax.set_xticks(L)
-    ax2 = ax.twinx()
-    ax2.plot(L, [r["decode_tokens_per_s"] for r in rows], "s--", color="tab:orange", label="decode tokens/s")
-    ax2.set_ylabel("decode tokens/s", color="tab:orange")
-    ax.set_title(title or "elastic depth: quality vs speed")
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _plot([r["num_loops"] for r in rows], [r["ppl"] for r in rows], [r["decode_tokens_per_s"] for r in rows],
+                 "num_loops (elastic depth)", title or "elastic depth: quality vs speed", path, xticks=True)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -153,3 +153,20 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path, case):
     assert fragment in str(e.value) and "\n" not in str(e.value), (name, str(e.value))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hf"] and not (src / "RAN").exists()
     shutil.rmtree(src)
+
+
+def test_bench_sweep_adds_the_threshold_sweep(exports, tmp_path, monkeypatch, capsys):
+    from tests.conftest import run_cli
+
+    x = exports["per-step"][0]
+    (tmp_path / "ids.txt").write_text("In the beginning God created the heaven and the earth.\n" * 4)
+    from edgeloop.runtime import Runtime
+    from edgeloop.runtime.measure import THRESHOLDS, threshold_sweep
+
+    rows = threshold_sweep(Runtime(x, threads=1), np.arange(40) % 300, decode_tokens=4)
+    assert [r["exit_threshold"] for r in rows] == list(THRESHOLDS)
+    assert rows[0]["mean_loops"] <= rows[-1]["mean_loops"] == 4.0 and rows[0]["decode_mean_loops"] < 4.0
+    code, out, err = run_cli(monkeypatch, capsys, "bench", x, "--exit-threshold", "0.0", "--decode-tokens", "4",
+                             "--prefill-tokens", "4", "--threads", "1", "--json")
+    assert code == 0, err
+    assert json.loads(out)["mean_loops"] == 1.0  # exit at the first step: one loop per decoded token
