@@ -109,3 +109,18 @@ def test_eval_reports_drift_and_placement_on_webgpu(webgpu, demo_int4, demo_dir,
     r = json.loads(out)
     assert r["ep"] == "webgpu" and abs(r["drift_pct"]) < 2.0
     assert r["placement"]["WebGpuExecutionProvider"]["ops"]["MatMulNBits"] > 0
+
+
+def test_the_fused_graph_runs_on_webgpu(webgpu, tmp_path):
+    """export --fused: GroupQueryAttention and the RMSNorm kernels run on the WebGPU provider too."""
+    from edgeloop.export import ExportConfig, export_checkpoint
+
+    _, cpu = webgpu
+    export_checkpoint(cpu.folder.parent / "ck", tmp_path / "fused", ExportConfig(fused=True, decode_steps=2))
+    gpu_f, cpu_f = Runtime(tmp_path / "fused", ep="webgpu", threads=1), Runtime(tmp_path / "fused", threads=1)
+    on_gpu = gpu_f.placement().get("WebGpuExecutionProvider", {}).get("ops", {})
+    assert on_gpu.get("GroupQueryAttention", 0) > 0 and on_gpu.get("SimplifiedLayerNormalization", 0) > 0, on_gpu
+    x = np.array([list(range(5, 21))], np.int64)
+    feeds = (x, np.ones_like(x), np.arange(x.shape[1])[None], gpu_f.empty_past(1))
+    assert np.abs(gpu_f.forward(*feeds, gpu_f.num_loops)[0] - cpu_f.forward(*feeds, cpu_f.num_loops)[0]).max() <= LOGIT_ATOL
+    assert gpu_f.generate_ids([[5, 6, 7]], 6, stop=()).tokens == cpu_f.generate_ids([[5, 6, 7]], 6, stop=()).tokens
