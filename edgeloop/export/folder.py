@@ -69,6 +69,7 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
     manifest = {"format": ec.format, "accuracy_level": ec.accuracy_level if ec.format in ("matmulnbits", "qdq") else None,
                 "unroll": ec.unroll, "fused": ec.fused, "opset": ec.opset, "effective_layers": cfg.effective_layers,
                 "num_loops": cfg.num_loops, "max_loops": cfg.loop_limit, "kv_policy": cfg.kv_policy,
+                "trained_loops": trained_loops(cfg),
                 "init_state": {"kind": ec.init_state, "seed": ec.seed if ec.init_state == "random" else None},
                 "max_seq_len": cfg.max_seq_len, "source": str(source or in_dir),
                 "external_data": external, "kv": cfg.kv_layout().manifest(), "graph": stats, "versions": versions(),
@@ -134,6 +135,15 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
     write_json(out / "config.json", optimum_config(cfg, manifest["generation"], raw))
     write_json(out / "manifest.json", manifest)
     return {k: manifest.get(k) for k in ("format", "unroll", "graph", "parity", "file_bytes", "effective_layers", "ort")}
+
+
+def trained_loops(cfg: HyperloopConfig) -> dict:
+    """What the model was trained at: a randomized count around a mean (Huginn's mean_recurrence), or r."""
+    src = (cfg.extra or {}).get("imported_from") or {}
+    if "mean_recurrence" in src:
+        return {"mean": src["mean_recurrence"], "note": "trained with a randomized number of steps around this mean; "
+                "num_loops may run 1..max_loops"}
+    return {"fixed": cfg.num_loops}
 
 
 def parity_plan(cfg: HyperloopConfig, ec, prompt_tokens: int) -> tuple[list[int], int, str | None]:

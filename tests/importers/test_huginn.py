@@ -111,6 +111,7 @@ def test_int4_export_parity_at_1_r_and_2r_under_both_policies(imported, tmp_path
         rep = export_checkpoint(tmp_path / "q", out, ExportConfig(kv_policy=policy, max_loops=8, decode_steps=4))
         m = json.loads((out / "manifest.json").read_text())
         assert m["kv_policy"] == policy and m["max_loops"] == 8 and rep["graph"]["loop"]
+        assert m["trained_loops"]["mean"] == 4  # the folder's mean_recurrence
         assert m["kv"]["layers"] == (4 if policy == "shared" else 1 + 8 * 2 + 1)
         sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
         ref.cfg = HyperloopConfig.from_dict(m["config"])  # the export's policy and max_loops, the same weights
