@@ -187,7 +187,7 @@ def quantize_checkpoint(in_dir: str | os.PathLike, out_dir: str | os.PathLike, q
     if qcfg.algorithm == "gptq":
         from edgeloop.model.checkpoint import load_tokenizer
 
-        calib_ids, calibration = calibration_ids(load_tokenizer(in_dir), qcfg, cfg.max_seq_len)
+        calib_ids, calibration = calibration_ids(load_tokenizer(in_dir, cfg), qcfg, cfg.max_seq_len)
     header = output_header(inputs, set(quant), qcfg, cfg)
     keep_dt = KEEP_TORCH[qcfg.keep_dtype]
     bar, step = _progress(progress, len(quant))
