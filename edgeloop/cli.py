@@ -92,7 +92,7 @@ def generate(
                                                    "exit probability reaches this (>= 1: never early)"),
 ):
     """Continue a prompt, streaming text to the terminal (stopping at the folder's eos tokens)."""
-    if (model_dir / "model.onnx").is_file():  # an export folder: the onnxruntime runtime
+    if (model_dir / "model.onnx").exists() or (model_dir / "manifest.json").exists():  # an export: onnxruntime
         from edgeloop.runtime.report import stream_generate
 
         stream_generate(out, model_dir, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
@@ -110,11 +110,12 @@ def generate(
         raise ValueError("--prompt is empty")
     if len(ids) >= model.cfg.max_seq_len:
         raise ValueError(f"the prompt has {len(ids)} tokens; the context is {model.cfg.max_seq_len}")
+    stop = set(generation_tokens(model_dir)["eos_token_id"])
+    tokens = gen(model, ids, max_new_tokens, temperature, top_k, seed, num_loops, stop=stop,
+                 exit_threshold=exit_threshold)  # the settings are checked here, before any output
     out.print(tok.decode(ids) if chat else prompt, end="", highlight=False)
     text = TextStream(tok, lambda s: out.print(s, end="", highlight=False, soft_wrap=True))
-    stop = set(generation_tokens(model_dir)["eos_token_id"])
-    for t in gen(model, ids, max_new_tokens, temperature, top_k, seed, num_loops, stop=stop,
-                 exit_threshold=exit_threshold):
+    for t in tokens:
         text.push(t)
     out.print()
 
