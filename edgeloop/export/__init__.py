@@ -94,6 +94,12 @@ def export_checkpoint(in_dir: str | Path, out_dir: str | Path, ec: ExportConfig 
     from edgeloop.quantize.validate import check_checkpoint
 
     ec = ec or ExportConfig()
+    if ec.decode_steps is not None and ec.decode_steps < 0:
+        raise ValueError(f"--parity-steps {ec.decode_steps}: must be >= 0")
+    if ec.parity_loops is not None and (not ec.parity_loops or min(ec.parity_loops) < 1):
+        raise ValueError(f"--parity-loops {ec.parity_loops}: loop counts are at least 1")
+    if ec.tolerance is not None and not ec.tolerance > 0:
+        raise ValueError(f"tolerance {ec.tolerance}: must be > 0")
     if ec.opset != 21:
         raise ValueError(f"--opset {ec.opset}: edgeloop exports opset 21 (blocked int4 DequantizeLinear)")
     t0 = time.time()
