@@ -100,9 +100,16 @@ def manifest_problem(m: dict[str, Any]) -> str | None:
     q = c.get("early_exit_threshold", 1.0)
     if isinstance(q, bool) or not isinstance(q, (int, float)) or not q >= 0:
         return f"field 'config.early_exit_threshold' = {q!r}: must be a number >= 0"
+    if "kv" in m and not isinstance(m["kv"], dict):
+        return f"field 'kv' = {m['kv']!r}: must be an object (the KV layout)"
+    src, where = (m["kv"], "kv") if "kv" in m else (c, "config")  # exports before "kv": the config's fields
+    for k in (("n_begin", "n_middle", "n_end", "num_loops", "kv_heads", "head_dim") if "kv" in m else
+              ("n_begin", "n_middle", "n_end", "n_kv_heads", "d_model", "n_heads")):
+        if not _int_in(src.get(k), 0, 1 << 30):
+            return f"field '{where}.{k}' = {src.get(k)!r}: must be a non-negative integer"
     try:
         kv = Layout.of_manifest(m)
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
         return f"field 'kv' (or the config's layer fields) cannot be read ({type(e).__name__}: {e})"
     if kv.dtype not in ("float32", "float16") or kv.policy not in ("per-step", "shared"):
         return f"field 'kv': dtype {kv.dtype!r} / policy {kv.policy!r} (float32 or float16 / per-step or shared)"
