@@ -206,13 +206,16 @@ class HyperloopConfig:
     @classmethod
     def from_json(cls, path) -> "HyperloopConfig":
         try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+            with open(path, "rb") as f:
+                d = json.loads(f.read().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise ConfigError(f"{path}: not a readable JSON file ({type(e).__name__}: {str(e)[:200]})") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
 
 PRESETS: dict[str, HyperloopConfig] = {
