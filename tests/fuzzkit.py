@@ -152,7 +152,10 @@ def run_case(case: dict) -> dict:
 
 
 def serve(fd: int) -> None:
-    import edgeloop.cli  # noqa: F401  (the imports once, not per case)
+    import onnxruntime  # noqa: F401  (the imports once, not per case; they leave THIRD_PARTY files in TMPDIR)
+    import torch._dynamo  # noqa: F401
+
+    import edgeloop.cli  # noqa: F401
     import edgeloop.export  # noqa: F401
     import edgeloop.runtime.drift  # noqa: F401
 
@@ -163,9 +166,14 @@ def serve(fd: int) -> None:
 
 
 # ---- the checks ---------------------------------------------------------------------------------------------
+THIRD_PARTY = (".ses", "torchinductor_")  # what onnxruntime (a session-id file) and torch (its compile cache)
+                                          # leave in TMPDIR when imported: not edgeloop's to remove
+
+
 def snapshot(root: Path) -> set[str]:
-    """Every path under `root` (files and folders, hidden ones too)."""
-    return {str(p.relative_to(root)) for p in Path(root).rglob("*")}
+    """Every path under `root` (files and folders, hidden ones too), less the libraries' THIRD_PARTY files."""
+    return {str(p.relative_to(root)) for p in Path(root).rglob("*") if not p.name.startswith(THIRD_PARTY)
+            and not any(part.startswith(THIRD_PARTY) for part in p.relative_to(root).parts)}
 
 
 def problems(ans: dict, names: tuple[str, ...], library: bool = False) -> list[str]:
