@@ -14,7 +14,6 @@ from edgeloop.io import JSONFileError, atomic_dir, read_json_object, write_json
 from edgeloop.model.config import ConfigError, HyperloopConfig
 from edgeloop.model.model import Hyperloop, meta_model
 
-FLOAT_DTYPES = {torch.float32, torch.float16, torch.bfloat16}
 ST_FLOATS = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # safetensors names
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 GENERATION_FILES = ("generation_config.json", "special_tokens_map.json")  # copied along where present
@@ -71,15 +70,6 @@ def read_tensor(f, name: str, path: Path) -> torch.Tensor:
 def check_finite(name: str, t: torch.Tensor) -> None:
     if t.is_floating_point() and not torch.isfinite(t).all():
         raise CheckpointError(f"tensor '{name}' holds NaN or Inf values")
-
-
-def check_keys(st: Path, want: set[str], have: set[str]) -> None:
-    """The file holds exactly the expected tensor names (the error names the first offender)."""
-    missing, unexpected = sorted(want - have), sorted(have - want)
-    if missing:
-        raise CheckpointError(f"{st}: tensor '{missing[0]}' is missing ({len(missing)} missing in all)")
-    if unexpected:
-        raise CheckpointError(f"{st}: unexpected tensor '{unexpected[0]}' ({len(unexpected)} unexpected in all)")
 
 
 Header = dict[str, tuple[str, tuple[int, ...]]]  # name -> (safetensors dtype "F32", "U8", ..., shape)
