@@ -38,7 +38,8 @@ def render(tokenizer_config: dict[str, Any], messages: list[dict[str, str]], add
     """The prompt text of `messages` ([{"role", "content"}]) under the folder's chat template."""
     template = tokenizer_config.get("chat_template")
     if isinstance(template, list):  # several named templates: the default one
-        template = next((t["template"] for t in template if t.get("name") == "default"), None)
+        template = next((t.get("template") for t in template if isinstance(t, dict) and t.get("name") == "default"),
+                        None)
     if not isinstance(template, str) or not template:
         raise ValueError("--chat: this folder's tokenizer_config.json has no chat_template")
     try:
@@ -53,11 +54,12 @@ def render(tokenizer_config: dict[str, Any], messages: list[dict[str, str]], add
 
 def prompt_ids(tokenizer, folder, prompt: str, chat: bool) -> list[int]:
     """The prompt's token ids: the text as it is, or (chat) one user message under the folder's template."""
-    import json
     from pathlib import Path
+
+    from edgeloop.io import read_json_object
 
     if chat:
         f = Path(folder) / "tokenizer_config.json"
-        tc = json.loads(f.read_text(encoding="utf-8")) if f.is_file() else {}
+        tc = read_json_object(f) if f.exists() else {}
         prompt = render(tc, [{"role": "user", "content": prompt}])
     return tokenizer.encode(prompt, add_special_tokens=False).ids

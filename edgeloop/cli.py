@@ -68,50 +68,11 @@ def inspect(
     tensors: bool = typer.Option(False, help="list every tensor with its role and dtype"),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
-    """Architecture, unique vs effective parameters, bytes by dtype, hyper-connection tensors."""
-    from edgeloop.model.inspect import summarize
+    """Architecture, unique vs effective parameters, bytes by dtype, hyper-connection tensors; a folder whose
+    config and tensors disagree is still shown, with its problems, and exits 2."""
+    from edgeloop.runtime.report import run_inspect
 
-    s = summarize(path)
-    if ppl:
-        from edgeloop.model.checkpoint import load_tokenizer
-        from edgeloop.model.data import corpus_split, encode, read_text
-        from edgeloop.model.evaluate import perplexity
-        from edgeloop.quantize import load_checkpoint
-
-        model = load_checkpoint(path)
-        ids = encode(load_tokenizer(path), read_text(text) if text else corpus_split("validation"))[:tokens]
-        s["val_ppl"], s["val_tokens"] = perplexity(model, ids)
-    if as_json:
-        out.print_json(json.dumps(s if tensors else {k: v for k, v in s.items() if k != "tensors"}))
-        return
-    c = s["config"]
-    t = Table(title=f"{path}", show_header=False)
-    t.add_row("layout", f"begin {c['n_begin']} → middle {c['n_middle']} × {c['num_loops']} loops → end {c['n_end']}")
-    t.add_row("effective depth", f"{s['effective_layers']} layers ({s['unique_layers']} unique)")
-    t.add_row("hyper-connections", f"{c['hc']}, {c['n_streams']} streams" + (
-        f", injection {c['injection']}" if c["hc"] == "none" else ""))
-    t.add_row("width", f"d={c['d_model']}, heads {c['n_heads']} (kv {c['n_kv_heads']}), mlp {c['mlp']} {c['mlp_hidden']}")
-    t.add_row("parameters", f"{s['params_unique']:,} unique / {s['params_effective']:,} effective")
-    t.add_row("bytes by dtype", ", ".join(f"{k} {v:,}" for k, v in s["bytes_by_dtype"].items()))
-    t.add_row("bytes by role", ", ".join(f"{k} {v:,}" for k, v in s["bytes_by_role"].items()))
-    t.add_row("hyper-connection tensors", ", ".join(s["hc_tensors"]) or "none")
-    if s["quantization_config"]:
-        q = s["quantization_config"]
-        t.add_row("quantization", ", ".join(f"{k}={q[k]}" for k in ("quant_method", "bits", "group_size", "sym",
-                                                                    "algorithm") if k in q))
-    if ppl:
-        t.add_row("validation perplexity", f"{s['val_ppl']:.3f} on {s['val_tokens']:,} tokens")
-    out.print(t)
-    if tensors:
-        from edgeloop.model.config import HyperloopConfig
-        from edgeloop.quantize.config import describe
-
-        mcfg = HyperloopConfig.from_dict(c)
-        tt = Table("tensor", "shape", "dtype", "role", "bytes", "INT4 policy")
-        for x in s["tensors"]:
-            tt.add_row(x["name"], str(x["shape"]), x["dtype"], x["role"], f"{x['bytes']:,}",
-                       describe(x["name"], tuple(x["shape"]), mcfg, s["quantization_config"]))
-        out.print(tt)
+    run_inspect(out, path, ppl, tokens, text, tensors, as_json)
 
 
 @app.command()
@@ -131,7 +92,7 @@ def generate(
                                                    "exit probability reaches this (>= 1: never early)"),
 ):
     """Continue a prompt, streaming text to the terminal (stopping at the folder's eos tokens)."""
-    if (model_dir / "model.onnx").is_file():  # an export folder: the onnxruntime runtime
+    if (model_dir / "model.onnx").exists() or (model_dir / "manifest.json").exists():  # an export: onnxruntime
         from edgeloop.runtime.report import stream_generate
 
         stream_generate(out, model_dir, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
@@ -149,11 +110,12 @@ def generate(
         raise ValueError("--prompt is empty")
     if len(ids) >= model.cfg.max_seq_len:
         raise ValueError(f"the prompt has {len(ids)} tokens; the context is {model.cfg.max_seq_len}")
+    stop = set(generation_tokens(model_dir)["eos_token_id"])
+    tokens = gen(model, ids, max_new_tokens, temperature, top_k, seed, num_loops, stop=stop,
+                 exit_threshold=exit_threshold)  # the settings are checked here, before any output
     out.print(tok.decode(ids) if chat else prompt, end="", highlight=False)
     text = TextStream(tok, lambda s: out.print(s, end="", highlight=False, soft_wrap=True))
-    stop = set(generation_tokens(model_dir)["eos_token_id"])
-    for t in gen(model, ids, max_new_tokens, temperature, top_k, seed, num_loops, stop=stop,
-                 exit_threshold=exit_threshold):
+    for t in tokens:
         text.push(t)
     out.print()
 
@@ -420,14 +382,17 @@ def run_cmd(
     embedding_bits: int = typer.Option(8, help="bits of the quantized embedding / tied lm_head: 8 or 4"),
     external_data: bool = typer.Option(True, "--external-data/--inline-data",
                                        help="weights in model.onnx.data, mmap'd (lower RSS on CPU) or inline"),
+    eval_text: Optional[Path] = typer.Option(None, help="UTF-8 text for eval and the sweep (default: the demo "
+                                             "corpus's validation split)"),
     as_json: bool = typer.Option(False, "--json", help="print the report as one JSON object"),
 ):
-    """The main job: quantize -> export -> eval -> bench, ending in one report (table, report.json, report.md)."""
+    """The main job: quantize -> export -> eval -> bench, ending in one report (table, report.json, report.md).
+    Everything is checked before anything is written, and OUT appears only when every stage succeeded."""
     from edgeloop.run import RunConfig, headline, run
 
     rc = RunConfig(method=method, group_size=group_size, sym=sym, format=format, accuracy_level=accuracy_level,
                    ep=ep, eval_tokens=eval_tokens, sweep=sweep, threads=threads, embedding_bits=embedding_bits,
-                   external_data=external_data)
+                   external_data=external_data, eval_text=str(eval_text) if eval_text else None)
     with err.status("run") as status:
         r = run(checkpoint, out_dir, rc, overwrite=overwrite, step=lambda msg: status.update(f"run: {msg}"))
     if as_json:
@@ -478,13 +443,29 @@ def _ints(flag: str, text: Optional[str]) -> Optional[tuple[int, ...]]:
 
 
 def main() -> None:
+    """Run the CLI: a bad input (a ValueError & co, or a usage error such as an option value that does not
+    parse) is one line on stderr and exit 2; no arguments print the help."""
+    if len(sys.argv) <= 1:
+        sys.argv.append("--help")
     try:
-        app()
+        code = app(standalone_mode=False)
+    except typer.TyperException as e:  # usage errors (typer's own): one line, and where to look
+        if os.environ.get("EDGELOOP_DEBUG"):
+            raise
+        msg = e.format_message() if hasattr(e, "format_message") else str(e)
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see {ctx.command_path} --help)" if ctx is not None else ""
+        err.print(f"[bold red]error:[/] {' '.join(msg.split())}{hint}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Abort:
+        err.print("[bold red]error:[/] aborted", highlight=False)
+        sys.exit(1)
     except (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         if os.environ.get("EDGELOOP_DEBUG"):
             raise
         err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

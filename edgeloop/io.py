@@ -1,4 +1,5 @@
-"""Atomic outputs: a folder or file appears whole (temp + rename) or not at all."""
+"""Atomic outputs: a folder or file appears whole (temp + rename) or not at all; JSON objects read with
+one-line errors."""
 from __future__ import annotations
 
 import contextlib
@@ -69,6 +70,25 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 
 def write_json(path: str | os.PathLike, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+class JSONFileError(ValueError):
+    """A JSON file is missing, unreadable, not JSON or not an object (the message names the file)."""
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """The JSON object in the file at `path`; a one-line JSONFileError naming the file otherwise."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise JSONFileError(f"{path}: is missing") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise JSONFileError(f"{path}: not valid JSON ({why})") from None
+    if not isinstance(d, dict):
+        raise JSONFileError(f"{path}: expected a JSON object, got {type(d).__name__}")
+    return d
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -7,13 +7,12 @@
     bench: footprint + latency of both exports (fresh subprocesses), num_loops sweep of the INT4 one
     OUT/report.json, OUT/report.md, OUT/sweep.png
 
-Each stage writes its folder atomically; the report comes last.
+Everything a stage needs is checked first; the stages write into a temporary folder beside OUT that is
+renamed to OUT at the end (a failure leaves no OUT; nothing resumes: a rerun starts over).
 """
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -40,45 +39,106 @@ class RunConfig:
     prefill_tokens: int = 128
     sweep: bool = True
     threads: int = 0
+    eval_text: str | None = None  # UTF-8 text for eval and the sweep (None: the demo corpus's validation split)
 
 
 def run(ckpt: str | Path, out: str | Path, rc: RunConfig, *, overwrite: bool = False,
         step: Callable[[str], None] = lambda msg: None) -> dict:
-    from edgeloop.export import ExportConfig, export_checkpoint
+    """Every stage into OUT, atomically: whatever the stages need (settings, provider, evaluation text,
+    checkpoint, tokenizer, output folder) is checked before anything is written; the stages then write into a
+    temporary folder beside OUT that becomes OUT at the end, so a failure anywhere leaves no OUT (an existing
+    one, with --overwrite, stays as it was)."""
     from edgeloop.importers import as_checkpoint, detect
-    from edgeloop.model.checkpoint import load_config, read_config
-    from edgeloop.quantize import quant_config, quantize_checkpoint
+    from edgeloop.io import atomic_dir
+
+    ckpt, out = Path(ckpt), Path(out)
+    t0 = time.time()
+    check_output_dir(out, overwrite)
+    if ckpt.exists() and out.resolve() == ckpt.resolve():
+        raise ValueError(f"{out}: the output folder must differ from the checkpoint folder")
+    plan = preflight(rc)
+    foreign = detect(ckpt) is not None
+    if not foreign:  # a foreign format is checked by its import, in the temporary folder
+        plan.update(check_input(ckpt, rc, plan))
+    with atomic_dir(out, overwrite) as tmp:
+        src = ckpt
+        if foreign:
+            src = as_checkpoint(ckpt, tmp / "imported")
+            plan.update(check_input(src, rc, plan))
+        report = stages(ckpt, src, tmp, out, rc, plan, step)
+        report["seconds"] = round(time.time() - t0, 1)
+        report = relocate(report, tmp, out)
+        atomic_write_text(tmp / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+        atomic_write_text(tmp / "report.md", report_md(report))
+    return report
+
+
+def preflight(rc: RunConfig) -> dict:
+    """The checks that need no checkpoint: the provider, the method, the evaluation text (--eval-text or the
+    demo corpus: both its splits when GPTQ may calibrate on the train split)."""
+    from edgeloop.model.data import corpus_split, read_text
+    from edgeloop.runtime.session import provider_names
+
+    from edgeloop.quantize import quant_config
+
+    provider_names(rc.ep)  # an unavailable provider fails before the long stages
+    if rc.method not in ("auto", "gptq", "rtn"):
+        raise ValueError(f"--method {rc.method!r}: gptq, rtn or auto")
+    if rc.format not in ("matmulnbits", "qdq"):
+        raise ValueError(f"--format {rc.format!r}: matmulnbits or qdq (the INT4 export; fp32 is exported too)")
+    if rc.accuracy_level not in (0, 1, 2, 3, 4):
+        raise ValueError(f"--accuracy-level {rc.accuracy_level}: use 0 (fp32) or 4 (int8 activations)")
+    quant_config("rtn", group_size=rc.group_size or 128, sym=rc.sym, embedding_bits=rc.embedding_bits).validate()
+    for name in ("eval_tokens", "decode_tokens", "prefill_tokens"):
+        if getattr(rc, name) < 2:
+            raise ValueError(f"--{name.replace('_', '-')} {getattr(rc, name)}: must be at least 2")
+    if rc.threads < 0:
+        raise ValueError(f"--threads {rc.threads}: must be 0 (default) or positive")
+    text = read_text(rc.eval_text) if rc.eval_text else corpus_split("validation")
+    if rc.method != "rtn":
+        corpus_split("train")
+    return {"text": text}
+
+
+def check_input(ckpt: Path, rc: RunConfig, plan: dict) -> dict:
+    """The checkpoint (config and every tensor header), its tokenizer (GPTQ and eval read text through it; the
+    exports copy tokenizer_config.json too), the text's tokens and the quantize settings."""
+    from edgeloop.model.checkpoint import CheckpointError, load_tokenizer
+    from edgeloop.model.data import encode
+    from edgeloop.io import JSONFileError, read_json_object
+    from edgeloop.quantize import quant_config
+    from edgeloop.quantize.validate import check_checkpoint
+
+    _, cfg, qconf = check_checkpoint(ckpt)
+    if qconf is not None:
+        raise ValueError(f"{ckpt} is already quantized: `edgeloop run` starts from a float checkpoint")
+    tok = load_tokenizer(ckpt, cfg)
+    try:
+        read_json_object(ckpt / "tokenizer_config.json")
+    except JSONFileError as e:
+        raise CheckpointError(str(e)) from None
+    if len(encode(tok, plan["text"][:200_000])) < 2:
+        raise ValueError(f"{rc.eval_text or 'the evaluation text'}: encodes to fewer than 2 tokens")
+    method, note = resolve_method(rc.method, cfg)
+    group_size = rc.group_size or auto_group_size(cfg)
+    extra = {"calib_seq_len": min(256, cfg.max_seq_len)} if method == "gptq" else {}
+    qc = quant_config(method, group_size=group_size, sym=rc.sym, embedding_bits=rc.embedding_bits,
+                      **extra).validate()
+    from edgeloop.export import ExportConfig, export_config
+
+    export_config(cfg, ExportConfig(format=rc.format, accuracy_level=rc.accuracy_level))  # the export's own limits
+    return {"cfg": cfg, "method": method, "note": note, "group_size": group_size, "qc": qc}
+
+
+def stages(source: Path, ckpt: Path, tmp: Path, out: Path, rc: RunConfig, plan: dict,
+           step: Callable[[str], None]) -> dict:
+    """quantize, export, eval, bench and the sweep of `ckpt` into `tmp` (which becomes `out`)."""
+    from edgeloop.export import ExportConfig, export_checkpoint
+    from edgeloop.quantize import quantize_checkpoint
     from edgeloop.runtime import Runtime
     from edgeloop.runtime.drift import evaluate_drift, evaluation_ids
     from edgeloop.runtime.measure import footprint, plot_sweep, ratios, sweep
-    from edgeloop.runtime.session import provider_names
 
-    ckpt, out = Path(ckpt), Path(out)
-    source, staged = ckpt, None
-    t0 = time.time()
-    check_output_dir(out, overwrite)
-    if detect(ckpt) is not None:  # a foreign checkpoint: import it first (staged beside OUT, then OUT/imported)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        staged = out.parent / f".{out.name}.import-{os.getpid()}"
-        ckpt = as_checkpoint(ckpt, staged, overwrite=True)
-    try:
-        load_config(ckpt)  # a bad checkpoint fails here, before anything is written
-        if read_config(ckpt).get("quantization_config"):
-            raise ValueError(f"{ckpt} is already quantized: `edgeloop run` starts from a float checkpoint")
-        provider_names(rc.ep)  # an unavailable provider fails before the long stages
-        method, note = resolve_method(rc.method, load_config(ckpt))
-        group_size = rc.group_size or auto_group_size(load_config(ckpt))
-        qc = quant_config(method, group_size=group_size, sym=rc.sym,
-                          embedding_bits=rc.embedding_bits).validate()  # bad settings too
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
-        if staged is not None:
-            ckpt = out / "imported"
-            os.rename(staged, ckpt)
-    finally:
-        if staged is not None:
-            shutil.rmtree(staged, ignore_errors=True)
     timings: dict[str, float] = {}
 
     def stage(name: str, fn):
@@ -88,34 +148,45 @@ def run(ckpt: str | Path, out: str | Path, rc: RunConfig, *, overwrite: bool = F
         timings[name] = round(time.time() - t, 2)
         return result
 
-    quant = stage("quantize", lambda: quantize_checkpoint(ckpt, out / "int4", qc, progress=False))
+    fp32_source = out / "imported" if ckpt != source else source
+    quant = stage("quantize", lambda: quantize_checkpoint(ckpt, tmp / "int4", plan["qc"], progress=False))
     exp_int4 = stage("export INT4", lambda: export_checkpoint(
-        out / "int4", out / "onnx-int4", ExportConfig(format=rc.format, accuracy_level=rc.accuracy_level,
-                                                      external_data=rc.external_data)))
+        tmp / "int4", tmp / "onnx-int4", ExportConfig(format=rc.format, accuracy_level=rc.accuracy_level,
+                                                      external_data=rc.external_data), source=out / "int4"))
     exp_fp32 = stage("export fp32", lambda: export_checkpoint(
-        ckpt, out / "onnx-fp32", ExportConfig(format="fp32", external_data=rc.external_data)))
-    drift = stage("eval INT4", lambda: evaluate_drift(out / "onnx-int4", ckpt, rc.ep, rc.eval_tokens,
-                                                      threads=rc.threads))
-    drift_fp32 = stage("eval fp32", lambda: evaluate_drift(out / "onnx-fp32", ckpt, rc.ep, rc.eval_tokens,
-                                                           threads=rc.threads))
+        ckpt, tmp / "onnx-fp32", ExportConfig(format="fp32", external_data=rc.external_data), source=fp32_source))
+    drift = stage("eval INT4", lambda: evaluate_drift(tmp / "onnx-int4", ckpt, rc.ep, rc.eval_tokens,
+                                                      text=rc.eval_text, threads=rc.threads))
+    drift_fp32 = stage("eval fp32", lambda: evaluate_drift(tmp / "onnx-fp32", ckpt, rc.ep, rc.eval_tokens,
+                                                           text=rc.eval_text, threads=rc.threads))
     bench = {name: stage(f"bench {name}", lambda name=name: footprint(
-        out / f"onnx-{name}", rc.ep, rc.threads, rc.prefill_tokens, rc.decode_tokens)) for name in ("int4", "fp32")}
+        tmp / f"onnx-{name}", rc.ep, rc.threads, rc.prefill_tokens, rc.decode_tokens)) for name in ("int4", "fp32")}
     rows = []
     if rc.sweep:
         def do_sweep():
-            rt = Runtime(out / "onnx-int4", ep=rc.ep, threads=rc.threads)
-            ids = evaluation_ids(out / "onnx-int4", None, min(rc.eval_tokens, 4096))
+            rt = Runtime(tmp / "onnx-int4", ep=rc.ep, threads=rc.threads)
+            ids = evaluation_ids(tmp / "onnx-int4", rc.eval_text, min(rc.eval_tokens, 4096))
             return sweep(rt, ids, decode_tokens=64)
         rows = stage("sweep num_loops", do_sweep)
-        plot_sweep(rows, out / "sweep.png", f"{source.name} INT4: elastic depth")
-    report = {"checkpoint": str(source), "out": str(out), "imported": str(ckpt) if staged is not None else None,
-              "config": {**asdict(rc), "method": method, "group_size": group_size}, "method_note": note, "seconds": round(time.time() - t0, 1),
-              "timings_s": timings, "quantize": _slim(quant), "export": {"int4": exp_int4, "fp32": exp_fp32},
-              "eval": {"int4": drift, "fp32": drift_fp32}, "bench": bench,
-              "int4_over_fp32": ratios(bench["int4"], bench["fp32"]), "sweep": rows}
-    atomic_write_text(out / "report.json", json.dumps(report, indent=2, default=str) + "\n")
-    atomic_write_text(out / "report.md", report_md(report))
-    return report
+        plot_sweep(rows, tmp / "sweep.png", f"{source.name} INT4: elastic depth")
+    method, group_size = plan["method"], plan["group_size"]
+    return {"checkpoint": str(source), "out": str(out), "imported": str(fp32_source) if ckpt != source else None,
+            "config": {**asdict(rc), "method": method, "group_size": group_size}, "method_note": plan["note"],
+            "timings_s": timings, "quantize": _slim(quant), "export": {"int4": exp_int4, "fp32": exp_fp32},
+            "eval": {"int4": drift, "fp32": drift_fp32}, "bench": bench,
+            "int4_over_fp32": ratios(bench["int4"], bench["fp32"]), "sweep": rows}
+
+
+def relocate(obj, tmp: Path, out: Path):
+    """`obj` with every path under the temporary folder `tmp` said as the final `out` (the report is written
+    before the rename)."""
+    if isinstance(obj, dict):
+        return {k: relocate(v, tmp, out) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [relocate(v, tmp, out) for v in obj]
+    if isinstance(obj, str) and obj.startswith(str(tmp)):
+        return str(out) + obj[len(str(tmp)):]
+    return obj
 
 
 def auto_group_size(cfg) -> int:

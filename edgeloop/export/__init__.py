@@ -16,6 +16,8 @@ from edgeloop.export.weights import FORMATS
 __all__ = ["FORMATS", "ExportConfig", "ExportError", "export_checkpoint"]
 
 
+PER_STEP_SLOTS = 1024  # the most KV slots (past/present pairs) a per-step export may have: each is a graph input
+                      # and output and a branch of the loop routing, so the graph grows with them
 PARITY_BUDGET = 2e10  # parameter-token products past which the default parity check is the short one: torch's
                      # INT4 reference dequantizes every weight at every call (minutes per token at 3.5B x 32 loops)
 
@@ -69,10 +71,18 @@ def export_config(cfg, ec: ExportConfig):
     changes = {k: v for k, v in (("kv_policy", ec.kv_policy), ("max_loops", ec.max_loops),
                                  ("kv_dtype", ec.kv_dtype)) if v is not None}
     try:
-        return dataclasses.replace(cfg, **changes).validate()
+        cfg = dataclasses.replace(cfg, **changes).validate()
     except ConfigError as e:
         flag = str(e).split("'")[1].replace("_", "-") if "'" in str(e) else "setting"
         raise ValueError(f"--{flag}: {e}") from None
+    kv = cfg.kv_layout()
+    if not kv.shared and kv.layers > PER_STEP_SLOTS:
+        raise ValueError(f"--kv-policy per-step: {kv.layers} KV slots (n_begin {cfg.n_begin} + {cfg.loop_limit} loops x "
+                         f"n_middle {cfg.n_middle} + n_end {cfg.n_end}) is past {PER_STEP_SLOTS}; use --kv-policy shared "
+                         f"(one slot per middle layer) or fewer loops")
+    if ec.unroll and cfg.effective_layers > PER_STEP_SLOTS:
+        raise ValueError(f"--unroll: {cfg.effective_layers} effective layers is past {PER_STEP_SLOTS}; export the Loop")
+    return cfg
 
 
 def export_checkpoint(in_dir: str | Path, out_dir: str | Path, ec: ExportConfig | None = None, *,
@@ -81,14 +91,19 @@ def export_checkpoint(in_dir: str | Path, out_dir: str | Path, ec: ExportConfig 
     record as the export's source when `in_dir` is a temporary import of it."""
     from edgeloop.export.folder import write_folder
     from edgeloop.io import atomic_dir, check_output_dir
-    from edgeloop.model.checkpoint import load_config, read_config
+    from edgeloop.quantize.validate import check_checkpoint
 
     ec = ec or ExportConfig()
+    if ec.decode_steps is not None and ec.decode_steps < 0:
+        raise ValueError(f"--parity-steps {ec.decode_steps}: must be >= 0")
+    if ec.parity_loops is not None and (not ec.parity_loops or min(ec.parity_loops) < 1):
+        raise ValueError(f"--parity-loops {ec.parity_loops}: loop counts are at least 1")
+    if ec.tolerance is not None and not ec.tolerance > 0:
+        raise ValueError(f"tolerance {ec.tolerance}: must be > 0")
     if ec.opset != 21:
         raise ValueError(f"--opset {ec.opset}: edgeloop exports opset 21 (blocked int4 DequantizeLinear)")
     t0 = time.time()
-    raw = read_config(in_dir)
-    cfg = load_config(in_dir)
+    raw, cfg, _ = check_checkpoint(in_dir)  # config and every tensor header, before the config sizes anything
     fmt = ec.format or ("matmulnbits" if raw.get("quantization_config") else "fp32")
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")

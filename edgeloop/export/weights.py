@@ -18,7 +18,7 @@ import onnx_ir as ir
 import torch
 
 from edgeloop.export.builder import FLOAT, MS_DOMAIN, GraphBuilder
-from edgeloop.model.checkpoint import CheckpointError, open_safetensors, read_tensor
+from edgeloop.model.checkpoint import CheckpointError, check_finite, open_safetensors, read_tensor
 from edgeloop.quantize.config import tensor_bits
 
 FORMATS = ("fp32", "fp16", "matmulnbits", "qdq")
@@ -95,7 +95,9 @@ class Weights:
     def tensor(self, name: str) -> torch.Tensor:
         if name not in self.keys:
             raise CheckpointError(f"{self.folder / 'model.safetensors'}: tensor '{name}' is missing")
-        return read_tensor(self._f, name, self.folder / "model.safetensors")
+        t = read_tensor(self._f, name, self.folder / "model.safetensors")
+        check_finite(name, t)
+        return t
 
     def _once(self, g: GraphBuilder, name: str, make) -> ir.Value:
         if name not in self._cache:

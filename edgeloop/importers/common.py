@@ -210,10 +210,11 @@ class Safetensors:
         shards = sorted(set(self.shard_of.values())) if self.shard_of else ["model.safetensors"]
         self.header: dict[str, tuple[str, tuple[int, ...]]] = {}
         self.names_in: dict[str, list[str]] = {}
+        for shard in shards:  # every shard the index names exists, before any is read
+            if Path(shard).name != shard or not (folder / shard).is_file():
+                raise err(f"{index}: names shard '{shard}', which is not in {folder}")
         for shard in shards:
             path = folder / shard
-            if Path(shard).name != shard or not path.is_file():
-                raise err(f"{index}: names shard '{shard}', which is not in {folder}")
             try:
                 with safe_open(str(path), framework="pt") as f:
                     names = list(f.keys())
@@ -222,12 +223,14 @@ class Safetensors:
                         self.header[n] = (sl.get_dtype(), tuple(sl.get_shape()))
             except (SafetensorError, OSError, ValueError) as e:
                 raise err(f"{path}: corrupt or truncated safetensors ({e})") from None
-            if self.shard_of:
+            if self.shard_of:  # the index and its shards must agree, both ways
                 listed = {n for n, s in self.shard_of.items() if s == shard}
-                lost = sorted(listed - set(names))
+                lost, unlisted = sorted(listed - set(names)), sorted(set(names) - listed)
                 if lost:
                     raise err(f"{index}: names tensor '{lost[0]}' in {shard}, which does not hold it")
-                names = [n for n in names if n in listed]
+                if unlisted:
+                    raise err(f"{index}: does not name tensor '{unlisted[0]}' that {shard} holds "
+                              f"({len(unlisted)} unlisted in all)")
             self.names_in[shard] = names
 
     def dtype(self, name: str) -> torch.dtype:

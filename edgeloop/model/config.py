@@ -14,6 +14,20 @@ from typing import Any
 COLLAPSES = ("mean", "sum")
 KV_POLICIES = ("per-step", "shared")
 PIECE_FIELDS = ("block", "mlp", "rotary", "hc", "injection")  # each names a registered piece (model/pieces)
+# The fields a checkpoint's config.json must hold: the architecture, which no default can guess (a missing d_model
+# must not become the demo's 256). Every other field may be left out and means its default below, which is what
+# a checkpoint written before the field existed meant (block "prenorm" and rotary "half" came with the piece
+# registry; edgeloop's first checkpoints, the shipped demo among them, lack them).
+REQUIRED_FIELDS = ("model_type", "vocab_size", "d_model", "n_heads", "n_kv_heads", "n_begin", "n_middle", "n_end",
+                   "num_loops", "mlp_hidden", "max_seq_len", "hc", "n_streams", "mlp", "injection")
+# Upper limits of the sizes a config sets. A config sizes memory and work before a tensor is read (the meta model,
+# the rotary tables, KV layouts, the ONNX graph's loop routing), so a typo such as num_loops 10^9 must fail here,
+# not allocate; each bound is far past any released looped LM (Huginn-3.5B: d 5280, 8 unique layers, r 32-132).
+LIMITS = {"vocab_size": 1 << 24, "d_model": 1 << 16, "n_heads": 4096, "n_kv_heads": 4096, "n_begin": 1024,
+          "n_middle": 1024, "n_end": 1024, "num_loops": 4096, "max_loops": 4096, "mlp_hidden": 1 << 20,
+          "max_seq_len": 1 << 21, "n_streams": 64, "sinkhorn_iters": 1000}
+ROPE_TABLE_LIMIT = 1 << 26  # max_seq_len * head_dim: each rotary table is about this many fp32 entries at most
+STR_FIELDS = ("kv_policy", "kv_dtype", "collapse") + PIECE_FIELDS
 
 
 class ConfigError(ValueError):
@@ -109,6 +123,14 @@ class HyperloopConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise bad(name, "must be a non-negative integer")
+        for name, top in LIMITS.items():
+            if getattr(self, name) > top:
+                raise bad(name, f"must be at most {top} (a bound on the memory the config sizes)")
+        for name in STR_FIELDS:
+            if not isinstance(getattr(self, name), str):
+                raise bad(name, "must be a string")
+        if not isinstance(self.extra, dict):
+            raise bad("extra", "must be a JSON object")
         if self.n_middle == 0:
             raise bad("n_middle", "the middle block needs at least one layer")
         from edgeloop.model.pieces import names  # the registered pieces (imported here: config stays light)
@@ -135,6 +157,9 @@ class HyperloopConfig:
             raise bad("n_heads", f"must divide d_model={self.d_model}")
         if self.head_dim % 2:
             raise bad("n_heads", "head_dim must be even for rotary embeddings")
+        if self.max_seq_len * self.head_dim > ROPE_TABLE_LIMIT:
+            raise bad("max_seq_len", f"times head_dim {self.head_dim} must be at most {ROPE_TABLE_LIMIT} (the rotary "
+                                     f"tables' size)")
         if self.n_heads % self.n_kv_heads:
             raise bad("n_kv_heads", f"must divide n_heads={self.n_heads}")
         if self.hc == "none" and self.n_streams != 1:
@@ -161,10 +186,15 @@ class HyperloopConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "HyperloopConfig":
+        """A validated config from a config.json dict: the REQUIRED_FIELDS present, no unknown field."""
         d = dict(d)
-        mt = d.pop("model_type", None)
-        if mt != "hyperloop":
-            raise ConfigError(f"config field 'model_type' = {mt!r}: expected 'hyperloop'")
+        if "model_type" in d and d["model_type"] != "hyperloop":
+            raise ConfigError(f"config field 'model_type' = {d['model_type']!r}: expected 'hyperloop'")
+        missing = [k for k in REQUIRED_FIELDS if k not in d]
+        if missing:
+            raise ConfigError(f"config field '{missing[0]}' is missing ({len(missing)} of the required fields "
+                              f"{', '.join(REQUIRED_FIELDS)} missing; the others have defaults)")
+        d.pop("model_type")
         d.pop("quantization_config", None)  # read by the quantize stage
         d.pop("architectures", None)
         known = {f.name for f in dataclasses.fields(cls)}
@@ -176,13 +206,16 @@ class HyperloopConfig:
     @classmethod
     def from_json(cls, path) -> "HyperloopConfig":
         try:
-            with open(path, encoding="utf-8") as f:
-                d = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+            with open(path, "rb") as f:
+                d = json.loads(f.read().decode("utf-8"))
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            raise ConfigError(f"{path}: not a readable JSON file ({type(e).__name__}: {str(e)[:200]})") from None
         if not isinstance(d, dict):
             raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(d)
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
 
 PRESETS: dict[str, HyperloopConfig] = {

@@ -45,7 +45,25 @@ def decode_perplexity(model: Hyperloop, ids: np.ndarray, policy: str | None = No
 def generate(model: Hyperloop, ids: list[int], max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, seed: int = 0, num_loops: int | None = None, stop: set[int] | None = None,
              exit_threshold: float | None = None):
-    """Yield new token ids one by one through the KV cache (greedy when temperature == 0)."""
+    """New token ids one by one through the KV cache (greedy when temperature == 0); the settings are checked
+    when it is called, before the first token."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens {max_new_tokens!r}: must be an integer >= 0")
+    if not temperature >= 0:
+        raise ValueError(f"temperature {temperature}: must be >= 0 (0 = greedy)")
+    if top_k < 0:
+        raise ValueError(f"top_k {top_k}: must be >= 0 (0 = off)")
+    if exit_threshold is not None and not (model.cfg.exit_gate and exit_threshold >= 0):
+        raise ValueError(f"exit_threshold {exit_threshold}: " + ("a number >= 0" if model.cfg.exit_gate else
+                                                                 "this model has no exit gate"))
+    loops = model.cfg.num_loops if num_loops is None else num_loops
+    if not 1 <= loops <= model.cfg.loop_limit:
+        raise ValueError(f"num_loops {loops}: must be in 1..{model.cfg.loop_limit}")
+    return _tokens(model, ids, max_new_tokens, temperature, top_k, seed, num_loops, stop, exit_threshold)
+
+
+def _tokens(model: Hyperloop, ids: list[int], max_new_tokens: int, temperature: float, top_k: int, seed: int,
+            num_loops: int | None, stop: set[int] | None, exit_threshold: float | None):
     g = torch.Generator().manual_seed(seed)
     cache = KVCache(model.cfg)
     x = torch.tensor([ids], dtype=torch.long)

@@ -22,6 +22,9 @@ from edgeloop.model.evaluate import perplexity
 from edgeloop.model.model import Hyperloop
 
 
+TOKENS_PER_STEP = 1 << 20  # batch_size x seq_len: a CPU trainer's activations for a million tokens are already GBs
+
+
 @dataclass
 class TrainConfig:
     steps: int = 1000
@@ -41,6 +44,28 @@ class TrainConfig:
     dtype: str = "float16"  # stored dtype of the final checkpoint
     text_files: list[str] | None = None
     tokenizer: str | None = None  # folder with tokenizer.json; default: train one on the training text
+
+    def validate(self) -> "TrainConfig":
+        """Every setting in range (one line naming the option), before any text is read or memory sized."""
+        for name in ("steps", "batch_size", "val_every", "save_every"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {v!r}: must be a positive integer")
+        for name in ("seq_len", "val_tokens"):
+            if getattr(self, name) < 2:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 2")
+        if self.batch_size * self.seq_len > TOKENS_PER_STEP:
+            raise ValueError(f"--batch-size {self.batch_size} x --seq-len {self.seq_len}: more than {TOKENS_PER_STEP:,} "
+                             f"tokens per step (the activations are sized by it)")
+        if self.warmup < 0 or self.threads < 0:
+            raise ValueError(f"--warmup {self.warmup} / --threads {self.threads}: must be >= 0")
+        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            if not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
+                raise ValueError(f"{name} {v}: must be a finite {'positive' if name == 'lr' else 'non-negative'} number")
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(f"--dtype {self.dtype!r}: use float32, float16 or bfloat16")
+        return self
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
@@ -85,6 +110,7 @@ def train(cfg: HyperloopConfig, out: str | os.PathLike, tc: TrainConfig, *, resu
 
     out = check_output_dir(out, overwrite)
     cfg.validate()
+    tc.validate()
     if tc.seq_len > cfg.max_seq_len:
         raise ValueError(f"seq_len={tc.seq_len} is beyond the model's max_seq_len={cfg.max_seq_len}")
     if tc.threads:

@@ -19,15 +19,16 @@ from typing import Callable, Iterator
 import torch
 
 from edgeloop.io import atomic_dir, check_output_dir, file_sha256, write_json
-from edgeloop.model.checkpoint import (FLOAT_DTYPES, GENERATION_FILES, TOKENIZER_FILES, CheckpointError, check_finite, check_keys,
-                                       expected_tensors, load_config, load_model, open_safetensors, read_config,
-                                       read_tensor)
+from edgeloop.model.checkpoint import (GENERATION_FILES, TOKENIZER_FILES, CheckpointError, check_finite,
+                                       check_float_header, expected_tensors, load_config, load_model, open_safetensors,
+                                       read_config, read_tensor)
 from edgeloop.model.config import HyperloopConfig
 from edgeloop.model.model import Hyperloop, meta_model
-from edgeloop.quantize.config import (EMBEDDING_BITS, FORMAT, QUANT_METHOD, QuantConfig, QuantizeError, as_rows,
-                                      plan, prefix, quantization_config, roles, row_shape, tensor_bits)
+from edgeloop.quantize.config import (QuantConfig, QuantizeError, as_rows, plan, prefix, quantization_config, roles,
+                                      row_shape, tensor_bits)
 from edgeloop.quantize.modules import QuantEmbedding, QuantLinear, set_module
 from edgeloop.quantize.packing import SCALE_TORCH, dequantize, packed_shapes, rtn
+from edgeloop.quantize.validate import check_quantized_header
 from edgeloop.tensors import write_safetensors
 
 KEEP_TORCH = {"float32": torch.float32, "float16": torch.float16}
@@ -44,23 +45,11 @@ def inspect_input(in_dir: Path) -> tuple[HyperloopConfig, dict[str, tuple[torch.
     """Config and (dtype, shape) of every tensor of a float checkpoint folder, from headers only."""
     raw = read_config(in_dir)
     if "quantization_config" in raw:
-        raise QuantizeError(f"{in_dir}: is already quantized ({raw['quantization_config'].get('quant_method')})")
+        qc = raw["quantization_config"]
+        raise QuantizeError(f"{in_dir}: is already quantized "
+                            f"({qc.get('quant_method') if isinstance(qc, dict) else qc!r})")
     cfg = load_config(in_dir)
-    st = in_dir / "model.safetensors"
-    want = expected_tensors(cfg)
-    have: dict[str, tuple[torch.dtype, tuple[int, ...]]] = {}
-    names = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-    with open_safetensors(st) as f:
-        check_keys(st, set(want), set(f.keys()))
-        for name in want:
-            sl = f.get_slice(name)
-            shape, dt = tuple(sl.get_shape()), names.get(sl.get_dtype())
-            if shape != want[name]:
-                raise CheckpointError(f"tensor '{name}' has shape {shape}, config says {want[name]}")
-            if dt not in FLOAT_DTYPES:
-                raise CheckpointError(f"tensor '{name}' has dtype {sl.get_dtype()}; expected F32, F16 or BF16")
-            have[name] = (dt, shape)
-    return cfg, have
+    return cfg, check_float_header(in_dir, cfg)
 
 
 def output_header(inputs: dict[str, tuple[torch.dtype, tuple[int, ...]]], quant: set[str], q: QuantConfig,
@@ -198,7 +187,7 @@ def quantize_checkpoint(in_dir: str | os.PathLike, out_dir: str | os.PathLike, q
     if qcfg.algorithm == "gptq":
         from edgeloop.model.checkpoint import load_tokenizer
 
-        calib_ids, calibration = calibration_ids(load_tokenizer(in_dir), qcfg, cfg.max_seq_len)
+        calib_ids, calibration = calibration_ids(load_tokenizer(in_dir, cfg), qcfg, cfg.max_seq_len)
     header = output_header(inputs, set(quant), qcfg, cfg)
     keep_dt = KEEP_TORCH[qcfg.keep_dtype]
     bar, step = _progress(progress, len(quant))
@@ -286,62 +275,37 @@ def load_quantized(path: str | os.PathLike) -> Hyperloop:
     """A quantized folder as an eval fp32-compute model with QuantLinear / QuantEmbedding modules."""
     path = Path(path)
     qc = read_config(path).get("quantization_config")
-    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD or qc.get("format") != FORMAT:
-        got = qc.get("quant_method") if isinstance(qc, dict) else qc
-        raise CheckpointError(f"{path / 'config.json'}: quantization_config.quant_method = {got!r} "
-                              f"(expected {QUANT_METHOD!r}, format {FORMAT!r})")
-    if qc.get("bits") != 4 or qc.get("group_size") not in (16, 32, 64, 128, 256) or not isinstance(qc.get("sym"), bool):
-        raise CheckpointError(f"{path / 'config.json'}: quantization_config bits/group_size/sym are not supported "
-                              f"({qc.get('bits')}, {qc.get('group_size')}, {qc.get('sym')})")
-    G, sym, emb_bits = qc["group_size"], qc["sym"], qc.get("embedding_bits") or 4
-    if emb_bits not in EMBEDDING_BITS:
-        raise CheckpointError(f"{path / 'config.json'}: quantization_config.embedding_bits = {emb_bits!r} (4 or 8)")
     cfg = load_config(path)
+    keys = set(check_quantized_header(path, cfg, qc))  # quantization_config and every header, before any data
+    G, sym, emb_bits = qc["group_size"], qc["sym"], qc.get("embedding_bits") or 4
     st = path / "model.safetensors"
     model, table = meta_model(cfg), roles(cfg)
     model.int4_params = {}
     want = expected_tensors(cfg)
     state: dict[str, torch.Tensor] = {}
     with open_safetensors(st) as f:
-        keys = set(f.keys())
-        used: set[str] = set()
         for name, shape in want.items():
             p = prefix(name)
             if f"{p}.qweight" in keys:
                 wshape = row_shape(shape, table[name])
                 parts = {}
-                bits = tensor_bits(name, emb_bits)
-                for part, s in packed_shapes(wshape, G, sym, bits).items():
-                    if f"{p}.{part}" not in keys:
-                        raise CheckpointError(f"{st}: tensor '{p}.{part}' is missing")
-                    t = read_tensor(f, f"{p}.{part}", st)
-                    if tuple(t.shape) != s:
-                        raise CheckpointError(f"tensor '{p}.{part}' has shape {tuple(t.shape)}, expected {s}")
-                    check_finite(f"{p}.{part}", t)
-                    parts[part] = t
-                    used.add(f"{p}.{part}")
+                for part in packed_shapes(wshape, G, sym, tensor_bits(name, emb_bits)):
+                    parts[part] = read_tensor(f, f"{p}.{part}", st)
+                    check_finite(f"{p}.{part}", parts[part])
                 packed = (parts["qweight"], parts["scales"], parts.get("qzeros"))
                 role = table[name].role
                 if role in ("linear", "lm_head"):  # a bias placeholder, loaded with the kept tensors below
                     bias = torch.empty(shape[0]) if f"{p}.bias" in want else None
                     set_module(model, p, QuantLinear(*packed, G, sym, bias=bias))
                 elif role == "embedding":
-                    set_module(model, p, QuantEmbedding(*packed, G, sym, bits))
+                    set_module(model, p, QuantEmbedding(*packed, G, sym, tensor_bits(name, emb_bits)))
                 else:  # hc matrix / loop embedding: dequantized into the parameter
                     state[name] = as_rows(dequantize(*packed, G, sym), table[name]).contiguous()
                     model.int4_params[name] = packed
-            elif name in keys:
+            else:
                 t = read_tensor(f, name, st)
-                if tuple(t.shape) != shape:
-                    raise CheckpointError(f"tensor '{name}' has shape {tuple(t.shape)}, config says {shape}")
                 check_finite(name, t)
                 state[name] = t.float()
-                used.add(name)
-            else:
-                raise CheckpointError(f"{st}: tensor '{name}' (or its .qweight) is missing")
-        extra = sorted(keys - used)
-        if extra:
-            raise CheckpointError(f"{st}: unexpected tensor '{extra[0]}' ({len(extra)} unexpected in all)")
     model.load_state_dict(state, strict=False, assign=True)
     leftover = [n for n, b in list(model.named_parameters()) + list(model.named_buffers())
                 if b.is_meta and not n.startswith("rope_")]

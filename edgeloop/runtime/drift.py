@@ -160,8 +160,13 @@ def evaluate_drift(export_dir: str | os.PathLike, reference: str | os.PathLike |
     from edgeloop.model.evaluate import perplexity as torch_perplexity
     from edgeloop.runtime.runtime import Runtime
 
+    from edgeloop.importers import detect
+    from edgeloop.quantize.validate import check_checkpoint
+
     export_dir = Path(export_dir)
     ref_dir = resolve_reference(export_dir, reference)
+    if detect(ref_dir) is None:
+        check_checkpoint(ref_dir)  # the reference's config and tensor headers, before any work
     rt = Runtime(export_dir, ep=ep, threads=threads, num_loops=num_loops)
     ids = evaluation_ids(export_dir, text, tokens)
     step = progress or (lambda what, done, total: None)

@@ -173,6 +173,12 @@ def footprint(folder: str | os.PathLike, ep: str = "cpu", threads: int = 0, pref
     manifest = read_manifest(folder)
     from edgeloop.runtime.session import provider_names
 
+    for flag, v in (("--prefill-tokens", prefill_tokens), ("--decode-tokens", decode_tokens), ("--context", context)):
+        if v is not None and v < 1:  # checked here: the child would clip them silently
+            raise RuntimeInputError(f"{flag} {v}: must be at least 1")
+    if threads < 0:
+        raise RuntimeInputError(f"--threads {threads}: must be 0 (default) or positive")
+
     provider_names(ep)  # an unavailable EP fails here, in one line, not in the child
     if not (folder / model_file).is_file():
         raise RuntimeInputError(f"{folder}: no {model_file} (export with --ort for the ORT format)")

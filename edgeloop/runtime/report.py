@@ -40,6 +40,72 @@ def stream_generate(out: Console, folder: Path, prompt: str, max_new_tokens: int
     out.print()
 
 
+def run_inspect(out: Console, path: Path, ppl: bool, tokens: int, text: Optional[Path], tensors: bool,
+                as_json: bool) -> dict:
+    """`edgeloop inspect`: the summary (a table or JSON), then, where the folder has problems, a CheckpointError
+    naming the first (the CLI's one line on stderr, exit 2)."""
+    from edgeloop.model.checkpoint import CheckpointError
+    from edgeloop.model.inspect import summarize
+    from edgeloop.quantize.validate import folder_problems
+
+    s = summarize(path, folder_problems(path)[2])
+    problems = s["problems"]
+    if ppl and not problems:
+        from edgeloop.model.checkpoint import load_tokenizer
+        from edgeloop.model.data import corpus_split, encode, read_text
+        from edgeloop.model.evaluate import perplexity
+        from edgeloop.quantize import load_checkpoint
+
+        if tokens < 2:
+            raise ValueError(f"--tokens {tokens}: need at least 2")
+        ids = encode(load_tokenizer(path), read_text(text) if text else corpus_split("validation"))[:tokens]
+        s["val_ppl"], s["val_tokens"] = perplexity(load_checkpoint(path), ids)
+    if as_json:
+        out.print_json(json.dumps(s if tensors else {k: v for k, v in s.items() if k != "tensors"}))
+    else:
+        _inspect_tables(out, path, s, ppl and not problems, tensors)
+    if problems:
+        more = f" (and {len(problems) - 1} more, listed above)" if len(problems) > 1 else ""
+        where = "" if str(path) in problems[0] else f"{path}: "
+        raise CheckpointError(f"{where}{problems[0]}{more}")
+    return s
+
+
+def _inspect_tables(out: Console, path: Path, s: dict, ppl: bool, tensors: bool) -> None:
+    c, t = s["config"], Table(title=f"{path}", show_header=False)
+    if s["effective_layers"] is not None:  # a valid config
+        t.add_row("layout", f"begin {c['n_begin']} → middle {c['n_middle']} × {c['num_loops']} loops → end {c['n_end']}")
+        t.add_row("effective depth", f"{s['effective_layers']} layers ({s['unique_layers']} unique)")
+        t.add_row("hyper-connections", f"{c['hc']}, {c['n_streams']} streams" + (
+            f", injection {c['injection']}" if c["hc"] == "none" else ""))
+        t.add_row("width", f"d={c['d_model']}, heads {c['n_heads']} (kv {c['n_kv_heads']}), mlp {c['mlp']} "
+                           f"{c['mlp_hidden']}")
+        t.add_row("parameters", f"{s['params_unique']:,} unique / {s['params_effective']:,} effective")
+    t.add_row("bytes by dtype", ", ".join(f"{k} {v:,}" for k, v in s["bytes_by_dtype"].items()))
+    t.add_row("bytes by role", ", ".join(f"{k} {v:,}" for k, v in s["bytes_by_role"].items()))
+    t.add_row("hyper-connection tensors", ", ".join(s["hc_tensors"]) or "none")
+    q = s["quantization_config"]
+    if isinstance(q, dict):
+        t.add_row("quantization", ", ".join(f"{k}={q[k]}" for k in ("quant_method", "bits", "group_size", "sym",
+                                                                    "algorithm") if k in q))
+    if ppl:
+        t.add_row("validation perplexity", f"{s['val_ppl']:.3f} on {s['val_tokens']:,} tokens")
+    for i, p in enumerate(s["problems"]):
+        t.add_row("problems" if i == 0 else "", p)
+    out.print(t)
+    if tensors:
+        from edgeloop.model.config import HyperloopConfig
+        from edgeloop.quantize.config import describe
+
+        mcfg = HyperloopConfig.from_dict(c) if s["effective_layers"] is not None else None
+        tt = Table("tensor", "shape", "dtype", "role", "bytes", "INT4 policy")
+        for x in s["tensors"]:
+            known = mcfg is not None and not s["problems"] and x["role"] != "unknown"
+            tt.add_row(x["name"], str(x["shape"]), x["dtype"], x["role"], f"{x['bytes']:,}",
+                       describe(x["name"], tuple(x["shape"]), mcfg, q) if known else "-")
+        out.print(tt)
+
+
 def run_eval(out: Console, err: Console, model_dir: Path, reference: Optional[Path], ep: str, tokens: int,
              text: Optional[Path], num_loops: Optional[int], batch_size: int, threads: int, as_json: bool,
              exit_threshold: Optional[float] = None) -> dict:

@@ -24,7 +24,7 @@ import numpy as np
 from edgeloop.kv import Layout, next_past
 from edgeloop.runtime.sampling import check_sampling, choose, encode, nll_sum, windows
 from edgeloop.runtime.session import (
-    ContextLengthError, RuntimeInputError, check_convention, make_session, placement_from_profile,
+    ContextLengthError, RuntimeInputError, check_convention, export_tokenizer, make_session, placement_from_profile,
     provider_names, read_manifest, session_options)
 
 EOT = "<|endoftext|>"
@@ -80,11 +80,7 @@ class Runtime:
         self.exit_threshold = float((self.manifest.get("config") or {}).get("early_exit_threshold", 1.0))
         self.last_exit_step: np.ndarray | None = None
         self.num_loops = self._loops(num_loops)
-        self.tokenizer = None
-        if (self.folder / "tokenizer.json").is_file():
-            from tokenizers import Tokenizer
-
-            self.tokenizer = Tokenizer.from_file(str(self.folder / "tokenizer.json"))
+        self.tokenizer = export_tokenizer(self.folder, self.vocab_size)
         gen = self.manifest.get("generation")  # bos / eos / pad of the source folder (export/folder.py)
         if gen and gen.get("eos_token_id"):
             self.stop_ids: set[int] = {int(t) for t in gen["eos_token_id"]}

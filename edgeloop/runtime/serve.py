@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Optional
 from urllib.parse import unquote, urlsplit
 
+from edgeloop.io import JSONFileError, read_json_object
 from edgeloop.runtime.session import RuntimeInputError, read_manifest
 
 PAGE_DIR = Path(__file__).resolve().parent / "web"  # the page, package.json and package-lock.json (package data)
@@ -133,6 +134,12 @@ def make_server(model_dir: Path, host: str = "127.0.0.1", port: int = 8008, web:
     `model_dir`; one-line RuntimeInputError for every problem."""
     model_dir = Path(model_dir).resolve()
     read_manifest(model_dir)  # NotAnExportError for a folder that is not an export
+    for name in ("genai_config.json", "tokenizer_config.json"):  # the other JSON the page reads, where present
+        if (model_dir / name).exists():
+            try:
+                read_json_object(model_dir / name)
+            except JSONFileError as e:
+                raise RuntimeInputError(str(e)) from None
     host = check_host(host)
     if not 0 <= port <= 65535:
         raise RuntimeInputError(f"--port {port}: must be in 0..65535 (0 = any free port)")

@@ -28,6 +28,8 @@ PROVIDERS: dict[str, str] = {
     "dml": "DmlExecutionProvider",
 }
 REQUIRED_FILES = ("model.onnx", "manifest.json")
+MAX_SLOTS = 4096  # KV slots: per-step exports have at most 1024 (edgeloop.export.PER_STEP_SLOTS); shared ones
+                  # one per unique layer (at most 3 x 1024)
 
 
 class RuntimeInputError(ValueError):
@@ -51,7 +53,10 @@ class ContextLengthError(RuntimeInputError):
 
 
 def read_manifest(folder: Path) -> dict[str, Any]:
-    """manifest.json of an export folder after checking the folder holds an export."""
+    """manifest.json of an export folder after checking the folder holds an export and the manifest the fields
+    the runtime reads (types and ranges: a manifest sizes the KV cache and the feeds)."""
+    from edgeloop.io import JSONFileError, read_json_object
+
     if not folder.is_dir():
         raise NotAnExportError(f"{folder}: no such export folder")
     missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
@@ -60,14 +65,89 @@ def read_manifest(folder: Path) -> dict[str, Any]:
             if (folder / "model.safetensors").is_file() else ""
         raise NotAnExportError(f"{folder}: not an edgeloop export folder ({', '.join(missing)} missing){hint}")
     try:
-        m = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise NotAnExportError(f"{folder / 'manifest.json'}: not valid JSON ({e})") from None
+        m = read_json_object(folder / "manifest.json")
+    except JSONFileError as e:
+        raise NotAnExportError(str(e)) from None
     need = ("effective_layers", "num_loops", "max_seq_len", "config")
-    if not isinstance(m, dict) or any(k not in m for k in need):
-        lost = next(k for k in need if not isinstance(m, dict) or k not in m)
+    lost = next((k for k in need if k not in m), None)
+    if lost:
         raise NotAnExportError(f"{folder / 'manifest.json'}: field '{lost}' is missing (not an edgeloop manifest)")
+    problem = manifest_problem(m)
+    if problem:
+        raise NotAnExportError(f"{folder / 'manifest.json'}: {problem}")
     return m
+
+
+def _int_in(v, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def manifest_problem(m: dict[str, Any]) -> str | None:
+    """What in a manifest the runtime cannot use (the first thing), or None. The bounds are the model
+    stage's config limits (edgeloop.model.config.LIMITS), restated: the runtime does not import that stage."""
+    c = m["config"]
+    if not isinstance(c, dict):
+        return "field 'config' must be an object"
+    checks = [("num_loops", m["num_loops"], 1, 4096), ("max_seq_len", m["max_seq_len"], 1, 1 << 21),
+              ("effective_layers", m["effective_layers"], 1, 1 << 22), ("config.vocab_size", c.get("vocab_size"), 1, 1 << 24)]
+    if m.get("max_loops") is not None:
+        checks.append(("max_loops", m["max_loops"], 0, 4096))
+    if m.get("accuracy_level") is not None:
+        checks.append(("accuracy_level", m["accuracy_level"], 0, 4))
+    for name, v, lo, hi in checks:
+        if not _int_in(v, lo, hi):
+            return f"field '{name}' = {v!r}: must be an integer in {lo}..{hi}"
+    q = c.get("early_exit_threshold", 1.0)
+    if isinstance(q, bool) or not isinstance(q, (int, float)) or not q >= 0:
+        return f"field 'config.early_exit_threshold' = {q!r}: must be a number >= 0"
+    if "kv" in m and not isinstance(m["kv"], dict):
+        return f"field 'kv' = {m['kv']!r}: must be an object (the KV layout)"
+    src, where = (m["kv"], "kv") if "kv" in m else (c, "config")  # exports before "kv": the config's fields
+    for k in (("n_begin", "n_middle", "n_end", "num_loops", "kv_heads", "head_dim") if "kv" in m else
+              ("n_begin", "n_middle", "n_end", "n_kv_heads", "d_model", "n_heads")):
+        if not _int_in(src.get(k), 0, 1 << 30):
+            return f"field '{where}.{k}' = {src.get(k)!r}: must be a non-negative integer"
+    try:
+        kv = Layout.of_manifest(m)
+    except (KeyError, TypeError, ValueError, AttributeError, ZeroDivisionError) as e:
+        return f"field 'kv' (or the config's layer fields) cannot be read ({type(e).__name__}: {e})"
+    if kv.dtype not in ("float32", "float16") or kv.policy not in ("per-step", "shared"):
+        return f"field 'kv': dtype {kv.dtype!r} / policy {kv.policy!r} (float32 or float16 / per-step or shared)"
+    for name in ("n_begin", "n_end"):
+        if not 0 <= getattr(kv, name) <= 1024:
+            return f"field 'kv.{name}' = {getattr(kv, name)}: must be in 0..1024"
+    for name, hi in (("n_middle", 1024), ("num_loops", 4096), ("kv_heads", 4096), ("head_dim", 1 << 16)):
+        if not 1 <= getattr(kv, name) <= hi:
+            return f"field 'kv.{name}' = {getattr(kv, name)}: must be in 1..{hi}"
+    if kv.layers > MAX_SLOTS:
+        return f"field 'kv': {kv.layers} KV slots, past the {MAX_SLOTS} any export has"
+    gen = m.get("generation")
+    if gen is not None:
+        ids = gen.get("eos_token_id") if isinstance(gen, dict) else None
+        if not isinstance(ids, list) or not all(_int_in(t, 0, c["vocab_size"] - 1) for t in ids) or \
+                not _int_in(gen.get("pad_token_id", 0), 0, c["vocab_size"] - 1):
+            return f"field 'generation' = {gen!r}: eos_token_id must be a list of token ids, pad_token_id one"
+    return None
+
+
+def export_tokenizer(folder: Path, vocab_size: int):
+    """An export folder's tokenizer.json (None when it has none), checked to load and to fit the vocabulary."""
+    f = folder / "tokenizer.json"
+    if not f.exists():
+        return None
+    from tokenizers import Tokenizer
+
+    try:
+        tok = Tokenizer.from_file(str(f))
+    except BaseException as e:  # a bare Exception on bad JSON, a pyo3 PanicException on worse
+        if isinstance(e, (KeyboardInterrupt, SystemExit, MemoryError)):
+            raise
+        lines = str(e).strip().splitlines()
+        raise RuntimeInputError(f"{f}: cannot be read as a tokenizer ({lines[0] if lines else type(e).__name__})") from None
+    if tok.get_vocab_size(with_added_tokens=True) > vocab_size:
+        raise RuntimeInputError(f"{f}: {tok.get_vocab_size(with_added_tokens=True)} tokens, more than the export's "
+                                f"vocab_size {vocab_size}")
+    return tok
 
 
 def provider_names(ep: str) -> list[str]:

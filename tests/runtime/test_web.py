@@ -34,7 +34,9 @@ def _fake_export(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.onnx").write_bytes(b"\0" * 16)
     (folder / "manifest.json").write_text(json.dumps(
-        {"effective_layers": 1, "num_loops": 1, "max_seq_len": 8, "config": {}}))
+        {"effective_layers": 1, "num_loops": 1, "max_seq_len": 8,  # the least manifest the runtime reads
+         "config": {"vocab_size": 8, "n_begin": 0, "n_middle": 1, "n_end": 0, "n_kv_heads": 1, "n_heads": 1,
+                    "d_model": 2}}))
     return folder
 
 
