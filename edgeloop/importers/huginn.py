@@ -15,7 +15,6 @@ blocks, GQA, llama3 rope scaling, QK-norm, no embedding scale) are refused by na
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
