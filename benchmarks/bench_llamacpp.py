@@ -10,9 +10,12 @@ G=128, MatMulNBits at accuracy level 4; the standard shape unrolled, the looped 
 and the --fused graph). Then, in interleaved rounds, each engine in a fresh process: a 128-token prompt and
 128 greedy new tokens at 1 and 2 threads: decode tokens/s (median step), prefill ms, file bytes, peak RSS.
 Prints medians and ratios. llama-cpp-python and gguf are installed from PyPI when missing (llama-cpp-python
-builds llama.cpp from source: minutes).
+builds llama.cpp from source: minutes). With --genai-python (a Python environment of its own holding
+onnxruntime-genai and the transformers its builder needs, newer than optimum-onnx allows beside edgeloop), the
+standard shape is also written as a Hugging Face llama folder, built by onnxruntime-genai's model builder (fp32
+checked against PyTorch, then INT4 block 32, accuracy level 4) and run by onnxruntime-genai's own generator.
 
-    python benchmarks/bench_llamacpp.py --work /tmp/llamacpp-bench [--rounds 5] [--small]
+    python benchmarks/bench_llamacpp.py --work /tmp/llamacpp-bench [--rounds 5] [--small] [--genai-python PY]
 """
 from __future__ import annotations
 
@@ -127,6 +130,72 @@ def write_gguf(model, path: Path) -> None:
     w.close()
 
 
+def write_hf_llama(model, folder: Path) -> None:
+    """The standard shape's weights as a Hugging Face llama folder (rotate_half rotary, no permutation), the
+    input of onnxruntime-genai's model builder."""
+    from safetensors.torch import save_file
+
+    cfg = model.cfg
+    assert cfg.num_loops == 1 and not len(model.begin) and not len(model.end)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.d_model,
+        "intermediate_size": cfg.mlp_hidden, "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim, "num_hidden_layers": cfg.n_middle, "vocab_size": cfg.vocab_size,
+        "max_position_embeddings": cfg.max_seq_len, "rms_norm_eps": cfg.norm_eps, "hidden_act": "silu",
+        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": True, "torch_dtype": "float32", "bos_token_id": 1, "eos_token_id": 2}, indent=1))
+    t = {"model.embed_tokens.weight": model.embed.weight, "model.norm.weight": model.final_norm.weight}
+    for i, blk in enumerate(model.middle):
+        a, m, p = blk.attn, blk.mlp, f"model.layers.{i}."
+        t |= {p + "input_layernorm.weight": blk.norm1.weight, p + "post_attention_layernorm.weight": blk.norm2.weight,
+              p + "self_attn.q_proj.weight": a.c_q.weight, p + "self_attn.k_proj.weight": a.c_k.weight,
+              p + "self_attn.v_proj.weight": a.c_v.weight, p + "self_attn.o_proj.weight": a.c_proj.weight,
+              p + "mlp.gate_proj.weight": m.c_gate.weight, p + "mlp.up_proj.weight": m.c_fc.weight,
+              p + "mlp.down_proj.weight": m.c_proj.weight}
+    save_file({k: v.detach().float().contiguous() for k, v in t.items()}, str(folder / "model.safetensors"),
+              metadata={"format": "pt"})
+    from tokenizers import Tokenizer, models  # a placeholder vocabulary (the benchmark feeds token ids)
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2} | {f"<t{i}>": i for i in range(3, cfg.vocab_size)}
+    Tokenizer(models.WordLevel(vocab, unk_token="<unk>")).save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+
+
+def build_genai(python: str, hf: Path, out: Path, precision: str = "int4") -> None:
+    """onnxruntime-genai's model builder (INT4: block 32, accuracy level 4; CPU) in its own environment."""
+    extra = ["--extra_options", "block_size=32", "accuracy_level=4"] if precision == "int4" else []
+    r = subprocess.run([python, "-m", "onnxruntime_genai.models.builder", "-m", "edgeloop-random", "-i", str(hf),
+                        "-o", str(out), "-p", precision, "-e", "cpu", "-c", str(out / "cache"), *extra],
+                       capture_output=True, text=True, timeout=3600)
+    if r.returncode:
+        raise RuntimeError("the genai model builder failed: " + (r.stderr.strip().splitlines() or ["?"])[-1])
+
+
+GENAI_LOGITS = r"""
+import json, sys, numpy as np
+import onnxruntime_genai as og
+model = og.Model(sys.argv[1])
+p = og.GeneratorParams(model); p.set_search_options(max_length=64, do_sample=False)
+g = og.Generator(model, p); g.append_tokens(json.loads(sys.argv[2]))
+print(json.dumps(np.asarray(g.get_logits()).reshape(-1).tolist()))
+"""
+
+
+def check_genai(python: str, model, folder: Path) -> float:
+    """Max |last-token logit difference| between the builder's fp32 graph (through onnxruntime-genai) and PyTorch."""
+    import numpy as np
+    import torch
+
+    ids = np.random.default_rng(0).integers(3, model.cfg.vocab_size, 24).tolist()
+    r = subprocess.run([python, "-c", GENAI_LOGITS, str(folder), json.dumps(ids)], capture_output=True, text=True,
+                       timeout=600, check=True)
+    with torch.no_grad():
+        ref = model(torch.tensor([ids]))[0, -1].numpy()
+    return float(np.abs(np.array(json.loads(r.stdout.strip().splitlines()[-1])) - ref).max())
+
+
 def check_gguf(model, path: Path) -> float:
     """Max |logit difference| between llama.cpp (f32 GGUF) and the PyTorch model on one prompt."""
     import numpy as np
@@ -187,8 +256,34 @@ print(json.dumps({"decode_tokens_per_s": 1 / float(np.median(np.diff(stamps))), 
 """
 
 
-def measure(child: str, path: Path, threads: int) -> dict:
-    r = subprocess.run([sys.executable, "-c", child, str(path), str(threads), str(PROMPT), str(NEW)],
+GENAI_CHILD = r"""
+import json, sys, time, numpy as np
+import onnxruntime_genai as og
+folder, threads, prompt_n, new_n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+cfg = og.Config(folder)
+cfg.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": threads}}}}))
+model = og.Model(cfg)
+vocab = json.load(open(folder + "/genai_config.json"))["model"]["vocab_size"]
+ids = np.random.default_rng(1).integers(3, vocab, prompt_n).tolist()
+
+def generator():
+    p = og.GeneratorParams(model)
+    p.set_search_options(max_length=prompt_n + new_n + 8, do_sample=False)
+    return og.Generator(model, p)
+
+g = generator(); g.append_tokens(ids[:8]); g.generate_next_token(); del g  # warm-up
+g = generator()
+t = time.perf_counter(); g.append_tokens(ids); prefill = time.perf_counter() - t
+steps = []
+for _ in range(new_n):
+    t = time.perf_counter(); g.generate_next_token(); steps.append(time.perf_counter() - t)
+rss = int(open("/proc/self/status").read().split("VmHWM:")[1].split()[0]) * 1024
+print(json.dumps({"decode_tokens_per_s": 1 / float(np.median(steps)), "prefill_ms": 1000 * prefill, "peak_rss_bytes": rss}))
+"""
+
+
+def measure(child: str, path: Path, threads: int, python: str = sys.executable) -> dict:
+    r = subprocess.run([python, "-c", child, str(path), str(threads), str(PROMPT), str(NEW)],
                        capture_output=True, text=True, timeout=1800)
     if r.returncode:
         return {"error": (r.stderr.strip().splitlines() or ["?"])[-1]}
@@ -205,13 +300,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--small", action="store_true", help="d 256 (checks the script quickly)")
+    ap.add_argument("--genai-python", default=None,
+                    help="a Python with onnxruntime-genai (and its builder's transformers and torch): adds the builder's "
+                         "graph for the standard shape")
     a = ap.parse_args()
     ensure_packages()
     from edgeloop.export import ExportConfig, export_checkpoint
     from edgeloop.quantize import RTNConfig, quantize_checkpoint
 
     a.work.mkdir(parents=True, exist_ok=True)
-    engines: dict[str, tuple[str, Path, str]] = {}  # label -> (shape, path, child)
+    engines: dict[str, tuple[str, Path, str, str]] = {}  # label -> (shape, path, child, python)
     checks = {}
     for shape in SHAPES:
         cfg = config(shape, a.small)
@@ -223,21 +321,29 @@ def main() -> None:
               f"|logit difference| {checks[shape]:.2e}", flush=True)
         for name, ftype in (("Q4_0", 2), ("Q4_K_M", 15)):
             quantize_gguf(root / "f32.gguf", root / f"{name}.gguf", ftype)
-            engines[f"{shape} llama.cpp {name}"] = (shape, root / f"{name}.gguf", LLAMA_CHILD)
+            engines[f"{shape} llama.cpp {name}"] = (shape, root / f"{name}.gguf", LLAMA_CHILD, sys.executable)
+        if a.genai_python and shape == "standard":
+            write_hf_llama(model, root / "hf")
+            build_genai(a.genai_python, root / "hf", root / "genai-fp32", "fp32")
+            checks["genai builder"] = check_genai(a.genai_python, model, root / "genai-fp32")
+            print(f"genai builder fp32 vs PyTorch max |logit difference| {checks['genai builder']:.2e}", flush=True)
+            build_genai(a.genai_python, root / "hf", root / "genai-g32")
+            engines[f"{shape} genai builder G32"] = (shape, root / "genai-g32", GENAI_CHILD, a.genai_python)
         for G in (32, 128):
             quantize_checkpoint(root / "ck", root / f"int4-g{G}", RTNConfig(group_size=G), progress=False, overwrite=True)
             for fused in (False, True):
                 out = root / f"x-g{G}{'-fused' if fused else ''}"
                 export_checkpoint(root / f"int4-g{G}", out, ExportConfig(accuracy_level=4, unroll=shape == "standard",
                                                                         fused=fused, external_data=True), overwrite=True)
-                engines[f"{shape} edgeloop G{G}{' fused' if fused else ''}"] = (shape, out, EDGELOOP_CHILD)
+                engines[f"{shape} edgeloop G{G}{' fused' if fused else ''}"] = (shape, out, EDGELOOP_CHILD,
+                                                                                  sys.executable)
     threads = [int(t) for t in a.threads.split(",")]
     runs: dict[tuple[str, int], list[dict]] = {(e, t): [] for e in engines for t in threads}
     for rnd in range(a.rounds):
         t0 = time.time()
         for t in threads:
-            for label, (_, path, child) in engines.items():
-                runs[label, t].append(measure(child, path, t))
+            for label, (_, path, child, python) in engines.items():
+                runs[label, t].append(measure(child, path, t, python))
         print(f"round {rnd + 1}/{a.rounds}: {time.time() - t0:.0f} s", flush=True)
     res = {"checks": checks, "rounds": a.rounds, "engines": {}}
     for (label, t), rows in runs.items():
