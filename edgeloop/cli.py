@@ -38,6 +38,11 @@ def train(
     threads: int = typer.Option(0, help="torch threads (0 = default)"),
     resume: bool = typer.Option(False, help="continue from OUT.train-state.pt"),
     overwrite: bool = typer.Option(False),
+    loops: str = typer.Option("fixed", help="loop count per step: fixed (num_loops), uniform (1..the limit) or "
+                                            "poisson-lognormal (Huginn's sampler)"),
+    loops_mean: float = typer.Option(0.0, help="poisson-lognormal: the mean (0 = num_loops)"),
+    loops_sigma: float = typer.Option(0.5, help="poisson-lognormal: sigma of the log-normal rate"),
+    backprop_loops: int = typer.Option(0, help="backpropagate through the last K loops only (0 = all)"),
 ):
     """Train a Hyperloop model on CPU and write a checkpoint folder."""
     from edgeloop.model.config import PRESETS, HyperloopConfig
@@ -53,7 +58,8 @@ def train(
     tc = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=warmup, seed=seed,
                      val_every=val_every, val_tokens=val_tokens, save_every=save_every, bf16=bf16, threads=threads,
                      dtype=dtype, text_files=[str(t) for t in text] if text else None,
-                     tokenizer=str(tokenizer) if tokenizer else None)
+                     tokenizer=str(tokenizer) if tokenizer else None, loops=loops, loops_mean=loops_mean,
+                     loops_sigma=loops_sigma, backprop_loops=backprop_loops)
     s = run_train(cfg, out_dir, tc, resume=resume, overwrite=overwrite, command=_command_line())
     out.print(f"wrote {out_dir}: {s['tokens_seen']:,} tokens, validation perplexity {s['val_ppl']:.3f}, "
               f"{s['seconds'] / 60:.1f} min")

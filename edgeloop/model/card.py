@@ -52,13 +52,32 @@ is tested and benchmarked on. It writes King-James-style English; it knows nothi
   ({s['tokens_seen'] / max(1, s['train_tokens']):.1f} passes over the {s['train_tokens']:,}-token training split);
   AdamW, peak lr {tc['lr']}, {tc['warmup']} warmup steps then cosine to {tc['min_lr_ratio']}×, weight decay
   {tc['weight_decay']} (matrices only), bf16 autocast = {tc['bf16']}, seed {tc['seed']}.
+- Loop count per step: {_loops(cfg, tc)}.
 - Wall time {s['seconds'] / 60:.1f} min on {s['threads']} CPU threads (torch {s['torch']}); final training loss {s['final_loss']}.
 
 ## Evaluation
 Validation perplexity of the stored weights on the first {s['val_tokens']:,} validation tokens
 (windows of {cfg.max_seq_len} tokens, stride {cfg.max_seq_len // 2}): **{s['val_ppl']:.3f}**.
-
+{_by_loops(s)}
 Reproduce every number in this card (parameters, depth, perplexity):
 
     edgeloop inspect models/{name} --ppl --tokens {s['val_tokens']}
 """
+
+
+def _loops(cfg: HyperloopConfig, tc: dict) -> str:
+    kind = tc.get("loops", "fixed")
+    what = {"fixed": f"fixed, r = {cfg.num_loops}", "uniform": f"uniform on 1..{cfg.loop_limit}",
+            "poisson-lognormal": f"Poisson-lognormal around {tc.get('loops_mean') or cfg.num_loops} "
+                                 f"(sigma {tc.get('loops_sigma', 0.5)}), at most {cfg.loop_limit}"}[kind]
+    k = tc.get("backprop_loops", 0)
+    return what + (f"; backpropagation through the last {k} loops" if k else "")
+
+
+def _by_loops(s: dict) -> str:
+    by = s.get("val_ppl_by_loops")
+    if not by:
+        return ""
+    return ("\n| loops | " + " | ".join(by) + " |\n|---|" + "---|" * len(by) + "\n| perplexity | "
+            + " | ".join(f"{v:.3f}" for v in by.values()) + " |\n\n(`edgeloop inspect --ppl` measures the "
+            "trained count; the others: `edgeloop eval` of an export at `--num-loops N`, or `Hyperloop.forward(num_loops=N)`.)\n")

@@ -123,14 +123,15 @@ class Hyperloop(nn.Module):
     def forward(self, input_ids: torch.Tensor, num_loops: int | None = None, cache: KVCache | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 init_scale: float = 0.0, exit_threshold: float | None = None, exit_at_step: int | None = None,
-                return_exit: bool = False):
+                return_exit: bool = False, grad_loops: int | None = None):
         """input_ids [B, S] -> logits [B, S, V] (fp32). `cache` is extended in place (its policy: per-step
         or shared slots). attention_mask [B, P+S] (1 = token, 0 = left padding); position_ids [B, S] default
         from it. init_scale > 0: the injection's random start (where it has one; torch's RNG).
         With an exit gate (pieces/exit.py): each token's logits come from the loop it exits at (threshold
         exit_threshold, default the config's; or exit_at_step), and the loops stop once every token of the
         call has exited; per-step slots of the loops that were skipped then get the last loop's keys/values
-        (the "latest" fill). return_exit: (logits, the loop each token exited at [B, S])."""
+        (the "latest" fill). return_exit: (logits, the loop each token exited at [B, S]). grad_loops = k:
+        truncated backpropagation, the first r - k loops run without autograd (Huginn's training)."""
         cfg = self.cfg
         r = cfg.num_loops if num_loops is None else int(num_loops)
         if not 1 <= r <= cfg.loop_limit:
@@ -162,7 +163,8 @@ class Hyperloop(nn.Module):
         q = cfg.early_exit_threshold if exit_threshold is None else float(exit_threshold)
         at = exit_at_step if exit_at_step is not None and 0 <= exit_at_step < r else None
         for l in range(r):
-            state = self.step(state, e, l, rope, mask, cache, shared)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and (grad_loops is None or l >= r - grad_loops)):
+                state = self.step(state, e, l, rope, mask, cache, shared)
             if gate is not None:
                 gate = self.exit_gate.update(gate, self.hc.collapse(state), l, l == r - 1, q, at)
                 if l < r - 1 and bool(gate["exited"].all()):  # every token has exited: the loops stop

@@ -1,5 +1,12 @@
 """CPU trainer: AdamW, warmup + cosine, bf16 autocast, periodic validation perplexity, resumable,
-deterministic from a seed (the batch of step s depends only on (seed, s))."""
+deterministic from a seed (the batch and the loop count of step s depend only on (seed, s)).
+
+Randomized depth (`loops`): each step runs r loops drawn from
+  fixed              r = num_loops
+  uniform            r ~ U{1 .. loop_limit}
+  poisson-lognormal  lambda ~ LogNormal(log(m) - sigma^2 / 2, sigma), r = min(Poisson(lambda) + 1, loop_limit)
+                     (Huginn's sampler: m = loops_mean, default num_loops, sigma = loops_sigma = 0.5)
+with backpropagation through the last `backprop_loops` loops only (0 = all; Huginn: 8)."""
 from __future__ import annotations
 
 import dataclasses
@@ -22,6 +29,7 @@ from edgeloop.model.evaluate import perplexity
 from edgeloop.model.model import Hyperloop
 
 
+LOOP_SAMPLERS = ("fixed", "uniform", "poisson-lognormal")
 TOKENS_PER_STEP = 1 << 20  # batch_size x seq_len: a CPU trainer's activations for a million tokens are already GBs
 
 
@@ -44,6 +52,10 @@ class TrainConfig:
     dtype: str = "float16"  # stored dtype of the final checkpoint
     text_files: list[str] | None = None
     tokenizer: str | None = None  # folder with tokenizer.json; default: train one on the training text
+    loops: str = "fixed"  # the loop count per step: fixed | uniform | poisson-lognormal (module docstring)
+    loops_mean: float = 0.0  # poisson-lognormal: the mean m (0 = num_loops)
+    loops_sigma: float = 0.5
+    backprop_loops: int = 0  # truncated backpropagation through the last k loops (0 = all)
 
     def validate(self) -> "TrainConfig":
         """Every setting in range (one line naming the option), before any text is read or memory sized."""
@@ -63,15 +75,39 @@ class TrainConfig:
             v = getattr(self, name)
             if not math.isfinite(v) or v < 0 or (name == "lr" and v == 0):
                 raise ValueError(f"{name} {v}: must be a finite {'positive' if name == 'lr' else 'non-negative'} number")
+        if self.loops not in LOOP_SAMPLERS:
+            raise ValueError(f"--loops {self.loops!r}: use {', '.join(LOOP_SAMPLERS)}")
+        if self.backprop_loops < 0 or not math.isfinite(self.loops_mean) or self.loops_mean < 0 \
+                or not math.isfinite(self.loops_sigma) or self.loops_sigma < 0:
+            raise ValueError(f"--backprop-loops {self.backprop_loops} / --loops-mean {self.loops_mean} / "
+                             f"--loops-sigma {self.loops_sigma}: must be finite and >= 0")
         if self.dtype not in ("float32", "float16", "bfloat16"):
             raise ValueError(f"--dtype {self.dtype!r}: use float32, float16 or bfloat16")
         return self
+
+    def loops_at(self, cfg: HyperloopConfig, step: int) -> int:
+        """The loop count of step `step`, drawn from a generator seeded by (seed, step) (resumable)."""
+        if self.loops == "fixed":
+            return cfg.num_loops
+        rng = np.random.default_rng([self.seed, step, 1])
+        if self.loops == "uniform":
+            return int(rng.integers(1, cfg.loop_limit + 1))
+        m, sigma = self.loops_mean or cfg.num_loops, self.loops_sigma
+        lam = rng.lognormal(math.log(m) - sigma ** 2 / 2, sigma)
+        return int(min(rng.poisson(lam) + 1, cfg.loop_limit))
 
     def lr_at(self, step: int) -> float:
         if step < self.warmup:
             return self.lr * (step + 1) / self.warmup
         t = (step - self.warmup) / max(1, self.steps - self.warmup)
         return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def eval_loops(cfg: HyperloopConfig) -> list[int]:
+    """The loop counts a trained model's perplexity is reported at: 1, the powers of two, r/2, r, the limit."""
+    top = cfg.loop_limit
+    return sorted({1, max(1, cfg.num_loops // 2), cfg.num_loops, top} | {1 << i for i in range(top.bit_length())
+                                                                         if 1 << i <= top})
 
 
 def batch(tokens: np.ndarray, tc: TrainConfig, step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,8 +187,9 @@ def train(cfg: HyperloopConfig, out: str | os.PathLike, tc: TrainConfig, *, resu
             for g in opt.param_groups:
                 g["lr"] = tc.lr_at(step)
             x, y = batch(train_ids, tc, step)
+            r = tc.loops_at(cfg, step)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=tc.bf16):
-                logits = model(x)
+                logits = model(x, num_loops=r, grad_loops=tc.backprop_loops or None)
             loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -160,7 +197,8 @@ def train(cfg: HyperloopConfig, out: str | os.PathLike, tc: TrainConfig, *, resu
             opt.step()
             done = step + 1
             tps = (done - start) * tokens_per_step / max(time.time() - t0 - elapsed, 1e-9)
-            entry = {"step": done, "loss": round(loss.item(), 4), "lr": tc.lr_at(step)}
+            entry = {"step": done, "loss": round(loss.item(), 4), "lr": tc.lr_at(step)} | \
+                ({"loops": r} if tc.loops != "fixed" else {})
             if done % tc.val_every == 0 or done == tc.steps:
                 model.eval()
                 val_ppl, _ = perplexity(model, val_ids, ctx=tc.seq_len)
@@ -179,9 +217,12 @@ def train(cfg: HyperloopConfig, out: str | os.PathLike, tc: TrainConfig, *, resu
         for p in model.parameters():
             p.copy_(p.to(dtype).float())
     val_ppl, _ = perplexity(model, val_ids, ctx=cfg.max_seq_len)
+    by_loops = {str(r): round(val_ppl if r == cfg.num_loops else perplexity(model, val_ids, ctx=cfg.max_seq_len,
+                                                                          num_loops=r)[0], 4)
+                for r in eval_loops(cfg)}
     summary = {"steps": tc.steps, "tokens_seen": tc.steps * tokens_per_step, "train_tokens": int(len(train_ids)),
                "final_loss": log[-1]["loss"] if log else None, "val_ppl": round(val_ppl, 4),
-               "val_tokens": int(len(val_ids)), "seconds": round(seconds, 1), "params": model.num_parameters(),
+               "val_ppl_by_loops": by_loops, "val_tokens": int(len(val_ids)), "seconds": round(seconds, 1), "params": model.num_parameters(),
                "command": command, "train_config": dataclasses.asdict(tc), "torch": torch.__version__,
                "threads": torch.get_num_threads()}
     from edgeloop.model.card import model_card
