@@ -21,20 +21,24 @@ from edgeloop.export.weights import Weights
 from edgeloop.kv import Layout, past_name, present_name
 from edgeloop.model.config import HyperloopConfig
 from edgeloop.model.model import Hyperloop, meta_model
+from edgeloop.model.pieces import build as build_piece
 from edgeloop.model.pieces.rotary import rope_tables
 
 
 def positions(g: GraphBuilder, model: Hyperloop, input_ids, attention_mask, position_ids, fused: bool = False) -> dict:
     """ctx for the pieces: rotary cos/sin [B, 1, S, hd/2] at position_ids, and the additive attention bias
     [B, rep, S, T] (causal, padded keys masked, the diagonal kept: Hyperloop._mask) for grouped queries. The
-    fused graph: cos/sin [B, S, 1, hd/2] and GroupQueryAttention's seqlens_k, total_len and bias [B, 1, S, T]."""
+    fused graph: position_ids and the tables [max_seq_len, hd/2] for com.microsoft.RotaryEmbedding (sin signed by
+    the flavour's SIN_SIGN), and GroupQueryAttention's seqlens_k, total_len and bias [B, 1, S, T]."""
     cfg = model.cfg
     cos_t, sin_t = rope_tables(cfg, cfg.max_seq_len)
-    axis = 2 if fused else 1
-    ctx = {"cos": g.Unsqueeze(g.Gather(g.initializer("rope.cos", cos_t.numpy()), position_ids, axis=0), g.const([axis])),
-           "sin": g.Unsqueeze(g.Gather(g.initializer("rope.sin", sin_t.numpy()), position_ids, axis=0), g.const([axis]))}
     if fused:
-        ctx["cos_s"], ctx["sin_s"] = ctx["cos"], ctx["sin"]
+        sign = build_piece("rotary", cfg.rotary, cfg).SIN_SIGN
+        ctx = {"position_ids": position_ids, "rope_cos": g.initializer("rope.cos", cos_t.numpy()),
+               "rope_sin": g.initializer("rope.sin", (sign * sin_t).numpy())}
+    else:
+        ctx = {k: g.Unsqueeze(g.Gather(g.initializer(f"rope.{k}", t.numpy()), position_ids, axis=0), g.const([1]))
+               for k, t in (("cos", cos_t), ("sin", sin_t))}
     S = g.Shape(input_ids, start=1, end=2)
     T = g.Shape(attention_mask, start=1, end=2)
     q_idx = g.Unsqueeze(g.Range(g.Squeeze(g.Sub(T, S)), g.Squeeze(T), g.const(1)), g.const([1]))
@@ -128,15 +132,16 @@ def _scalar_input(g: GraphBuilder, name: str, default, dtype: ir.DataType, np_dt
     return v
 
 
-def by_loop(g: GraphBuilder, it, r: int, branch):
+def by_loop(g: GraphBuilder, it, r: int, branch, rank: int = 4):
     """branch(b, l) for l = it (0 <= it < r), chosen by a binary tree of If nodes: each branch reads the
-    outer-scope tensors of its own loop in place (SequenceAt or Gather would copy them every iteration)."""
+    outer-scope tensors of its own loop in place (SequenceAt or Gather would copy them every iteration).
+    The branches' output: a float tensor of the given rank."""
     def pick(b: GraphBuilder, lo: int, hi: int):
         if hi - lo == 1:
             return branch(b, lo)
         mid = (lo + hi) // 2
         lo_b, hi_b = b.sub(f"loops{lo}_{mid}/"), b.sub(f"loops{mid}_{hi}/")
-        lo_out, hi_out = (typed(pick(sb, *span), FLOAT, [None] * 4) for sb, span in ((lo_b, (lo, mid)), (hi_b, (mid, hi))))
+        lo_out, hi_out = (typed(pick(sb, *span), FLOAT, [None] * rank) for sb, span in ((lo_b, (lo, mid)), (hi_b, (mid, hi))))
         return b.If(below(mid), then_branch=lo_b.graph([], [lo_out], f"loops{lo}_{mid}"),
                     else_branch=hi_b.graph([], [hi_out], f"loops{mid}_{hi}"))
     def below(mid: int):  # it < mid, made once per body and shared by every layer's tree
@@ -174,8 +179,8 @@ def loop(g: GraphBuilder, w: Weights, model: Hyperloop, kv: Layout, num_loops, s
 
     def past_of(j):
         if kv.shared:
-            return lambda bb, attend: attend(bb, *past[kv.slot(0, j)])
-        return lambda bb, attend: by_loop(bb, it, r, lambda lb, l: attend(lb, *past[kv.slot(l, j)]))
+            return lambda bb, attend, rank=4: attend(bb, *past[kv.slot(0, j)])
+        return lambda bb, attend, rank=4: by_loop(bb, it, r, lambda lb, l: attend(lb, *past[kv.slot(l, j)]), rank)
 
     s_out, new = model.emit_step(b, w, s_in, e, it, ctx, [past_of(j) for j in range(nm)])
     more = cond

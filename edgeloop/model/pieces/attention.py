@@ -57,19 +57,22 @@ class Attention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1)), present
 
     def emit_fused(self, g, w, x, ctx, past):
-        """The same with onnxruntime's kernels: q/k/v as one MatMulNBits, rotary (and QK-norm) on [B, S, n, hd],
-        and com.microsoft.GroupQueryAttention over [past; new] with the additive bias ctx["bias_gqa"] [B, 1, S, T]
-        (causal + padding: left-padded batches work; seqlens_k = T - 1 for every row). Same `past` contract."""
+        """The same with onnxruntime's kernels: q/k/v as one MatMulNBits, rotary as com.microsoft.RotaryEmbedding
+        at the given positions (GroupQueryAttention's own rotary numbers a first prompt 0..S-1, ignoring left
+        padding), and com.microsoft.GroupQueryAttention over [past; new] with the additive bias ctx["bias_gqa"]
+        [B, 1, S, T] (causal + padding: left-padded batches work; seqlens_k = T - 1 for every row). QK-norm (no
+        weight) commutes with the rotation, which keeps each head's length: it runs first. Same `past` contract."""
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
         q, k, v = w.linears(g, x, [self.c_q, self.c_k, self.c_v])
 
-        def rotate(t, n):  # [B, S, n*hd] -> ([B, S, n*hd], [B, S, n, hd]) rotated (and normed)
-            t4 = self.rotary.emit(g, g.Reshape(t, g.const([0, 0, n, hd])), ctx["cos_s"], ctx["sin_s"])
+        def rotate(t, n):  # [B, S, n*hd] -> [B, S, n*hd] (normed and) rotated
             if self.qk_norm:
-                t4 = emit_rms_norm(g, t4, self.eps, fused=True, dim=hd)
-            return g.Reshape(t4, g.const([0, 0, n * hd])), t4
+                t4 = emit_rms_norm(g, g.Reshape(t, g.const([0, 0, n, hd])), self.eps, fused=True, dim=hd)
+                t = g.Reshape(t4, g.const([0, 0, n * hd]))
+            return self.rotary.emit_fused(g, t, n, ctx)
 
-        (q, _), (k, k4) = rotate(q, H), rotate(k, KV)
+        q, k = rotate(q, H), rotate(k, KV)
+        k4 = g.Reshape(k, g.const([0, 0, KV, hd]))
 
         def gqa(b, pk, pv):
             return b.GroupQueryAttention(q, k, v, pk, pv, ctx["seqlens_k"], ctx["total_len"], None, None, None,
@@ -77,7 +80,7 @@ class Attention(nn.Module):
                                          kv_num_heads=KV)
 
         if callable(past):  # in the Loop body: the new keys/values leave as [B, KV, S, hd] (the Loop concatenates)
-            y = past(g, lambda b, pk, pv: gqa(b, pk, pv)[0])
+            y = past(g, lambda b, pk, pv: gqa(b, pk, pv)[0], rank=3)  # [B, S, H*hd]
             new_k = g.Transpose(k4, perm=[0, 2, 1, 3])
             new_v = g.Transpose(g.Reshape(v, g.const([0, 0, KV, hd])), perm=[0, 2, 1, 3])
             return w.linear(g, y, self.c_proj), new_k, new_v
@@ -87,8 +90,8 @@ class Attention(nn.Module):
     def emit(self, g, w, x, ctx, past):
         """The same over [past; x] with queries grouped by KV head (no head-repeated copy of the cache).
         `past` is this layer's (k, v): returns (y, present k, present v), present = [past; new]. Or `past`
-        is a function (g, attend) -> attend(g, past_k, past_v) that picks the past inside a subgraph (the
-        Loop body): returns (y, new k, new v), the Loop concatenating after. ctx: cos, sin [B, 1, S, hd/2],
+        is a function (g, attend, rank) -> attend(g, past_k, past_v) (a tensor of that rank) that picks the
+        past inside a subgraph (the Loop body): returns (y, new k, new v), the Loop concatenating after. ctx: cos, sin [B, 1, S, hd/2],
         bias [B, 1 or rep, S, T] (0 / -inf). The fused graph: emit_fused."""
         if w.fused:
             return self.emit_fused(g, w, x, ctx, past)
