@@ -2,6 +2,7 @@
 (set EDGELOOP_DEBUG=1 for the traceback)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shlex
@@ -43,6 +44,8 @@ def train(
     loops_mean: float = typer.Option(0.0, help="poisson-lognormal: the mean (0 = num_loops)"),
     loops_sigma: float = typer.Option(0.5, help="poisson-lognormal: sigma of the log-normal rate"),
     backprop_loops: int = typer.Option(0, help="backpropagate through the last K loops only (0 = all)"),
+    max_loops: Optional[int] = typer.Option(None, help="the most loops the model may run, per-loop parameters "
+                                            "included (default: the config's max_loops, 0 = num_loops)"),
 ):
     """Train a Hyperloop model on CPU and write a checkpoint folder."""
     from edgeloop.model.config import PRESETS, HyperloopConfig
@@ -55,6 +58,8 @@ def train(
         if not Path(config).is_file():
             raise ValueError(f"--config {config!r}: neither a preset ({', '.join(PRESETS)}) nor a file")
         cfg = HyperloopConfig.from_json(config)
+    if max_loops is not None:
+        cfg = dataclasses.replace(cfg, max_loops=max_loops).validate()
     tc = TrainConfig(steps=steps, batch_size=batch_size, seq_len=seq_len, lr=lr, warmup=warmup, seed=seed,
                      val_every=val_every, val_tokens=val_tokens, save_every=save_every, bf16=bf16, threads=threads,
                      dtype=dtype, text_files=[str(t) for t in text] if text else None,
@@ -147,7 +152,7 @@ def export_cmd(
     kv_dtype: Optional[str] = typer.Option(None, help="the KV cache between steps: float32 (default) or float16 (half "
                                            "the KV memory; eval reports its decode drift)"),
     max_loops: Optional[int] = typer.Option(None, help="the most loops num_loops may ask for (models without "
-                                            "per-loop parameters; default: the model's)"),
+                                            "per-loop parameters; with them: the model's, fixed when trained)"),
     init_state: str = typer.Option("zeros", help="the loop state's start: zeros, or random (the injection's "
                                    "random start, e.g. Huginn's; an init_scale input, 0 = zeros)"),
     seed: int = typer.Option(0, help="--init-state random: the generator's seed"),

@@ -68,6 +68,9 @@ def export_config(cfg, ec: ExportConfig):
         if cfg.hc != "none" or not REGISTRY["injection"][cfg.injection].random_start:
             raise ValueError(f"--init-state random: this model's loop state starts from its input "
                              f"(hc {cfg.hc}, injection {cfg.injection}); only a random-start injection has one")
+    if ec.max_loops is not None and cfg.has_loop_params and ec.max_loops != cfg.loop_limit:
+        raise ValueError(f"--max-loops {ec.max_loops}: this model's per-loop parameters (hc {cfg.hc}, loop embedding "
+                         f"{cfg.loop_embedding}) exist for loops 1..{cfg.loop_limit}; train it with --max-loops to change that")
     changes = {k: v for k, v in (("kv_policy", ec.kv_policy), ("max_loops", ec.max_loops),
                                  ("kv_dtype", ec.kv_dtype)) if v is not None}
     try:

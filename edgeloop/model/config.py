@@ -86,7 +86,8 @@ class HyperloopConfig:
 
     @property
     def has_loop_params(self) -> bool:
-        """Per-loop parameters (hyper-connections, loop embeddings) bound the loop count to num_loops."""
+        """Per-loop parameters (hyper-connections, loop embeddings): one row per loop up to loop_limit, so the
+        limit is fixed when the model is made (train it with randomized depth to use it)."""
         return self.hc != "none" or self.loop_embedding
 
     @property
@@ -144,8 +145,6 @@ class HyperloopConfig:
             raise bad("kv_dtype", "must be float32 or float16")
         if self.max_loops and self.max_loops < self.num_loops:
             raise bad("max_loops", f"must be 0 or at least num_loops={self.num_loops}")
-        if self.max_loops > self.num_loops and self.has_loop_params:
-            raise bad("max_loops", "per-loop parameters (hyper-connections, loop embeddings) exist for num_loops only")
         if self.exit_gate and (self.hc != "none" or self.n_end):
             raise bad("exit_gate", "an exit gate needs hc 'none' and no end block (n_end = 0): the head reads the "
                                    "loop's output directly")

@@ -86,7 +86,7 @@ class Hyperloop(nn.Module):
         self.end = nn.ModuleList(build("block", cfg.block, cfg) for _ in range(cfg.n_end))
         self.hc = build("hc", cfg.hc, cfg)
         self.inject = nn.Linear(2 * d, d, bias=False) if self.hc.needs_inject else None
-        self.loop_embed = nn.Parameter(torch.zeros(cfg.num_loops, d)) if cfg.loop_embedding else None
+        self.loop_embed = nn.Parameter(torch.zeros(cfg.loop_limit, d)) if cfg.loop_embedding else None
         self.middle_norm = RMSNorm(d, cfg.norm_eps) if cfg.middle_norm else None
         self.final_norm = RMSNorm(d, cfg.norm_eps)
         self.exit_gate = ExitGate(cfg) if cfg.exit_gate else None

@@ -104,8 +104,11 @@ class TrainConfig:
 
 
 def eval_loops(cfg: HyperloopConfig) -> list[int]:
-    """The loop counts a trained model's perplexity is reported at: 1, the powers of two, r/2, r, the limit."""
+    """The loop counts a trained model's perplexity is reported at: every one up to a limit of 8; past it 1,
+    the powers of two, r/2, r and the limit."""
     top = cfg.loop_limit
+    if top <= 8:
+        return list(range(1, top + 1))
     return sorted({1, max(1, cfg.num_loops // 2), cfg.num_loops, top} | {1 << i for i in range(top.bit_length())
                                                                          if 1 << i <= top})
 

@@ -235,8 +235,9 @@ def decode_speed(rt, tokens: int = 64, num_loops: int | None = None, exit_thresh
 
 
 def sweep_loops(r: int, max_loops: int) -> list[int]:
-    """The loop counts a sweep visits: 1..r when r <= 8, else the powers of two up to max_loops, and r."""
-    if r <= 8 and max_loops == r:
+    """The loop counts a sweep visits: 1..max_loops when that is at most 8, else the powers of two up to
+    max_loops, and r."""
+    if max_loops <= 8:
         return list(range(1, r + 1))
     return sorted({2 ** i for i in range(max_loops.bit_length()) if 2 ** i <= max_loops} | {r})
 

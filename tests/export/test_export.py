@@ -1,4 +1,5 @@
 """fp32 exports of every variant against PyTorch; graph structure; clients (genai, optimum); bad input."""
+import dataclasses
 import json
 import subprocess
 import sys
@@ -12,6 +13,8 @@ import torch
 from edgeloop.export import ExportConfig, export_checkpoint
 from edgeloop.export.verify import empty_past, parity
 from edgeloop.model.checkpoint import load_model, save_checkpoint
+from edgeloop.model.config import PRESETS
+from edgeloop.model.model import Hyperloop
 from edgeloop.model.data import train_tokenizer
 from tests.conftest import VARIANTS, perturbed
 
@@ -152,3 +155,27 @@ def test_external_data_export(exported, tmp_path):
     m = onnx.load(str(tmp_path / "ext" / "model.onnx"), load_external_data=False)
     offsets = [int(e.value) for t in m.graph.initializer for e in t.external_data if e.key == "offset"]
     assert offsets and all(o % 4096 == 0 for o in offsets)  # page-aligned: mmap-able
+
+
+@pytest.mark.parametrize("name", ["test-dynamic", "test-static"])
+def test_per_loop_parameters_up_to_max_loops(tmp_path, tok, name):
+    """hc / loop-embedding rows exist for every loop up to max_loops: the export runs r + 2 loops at parity,
+    and an export --max-loops other than the model's is refused (the rows are fixed when trained)."""
+    cfg = dataclasses.replace(PRESETS[name], max_loops=PRESETS[name].num_loops + 2).validate()
+    torch.manual_seed(0)
+    model = Hyperloop(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    assert model.hc.state_dict()[next(iter(model.hc.state_dict()))].shape[0] == cfg.loop_limit
+    save_checkpoint(model.eval(), tmp_path / "ck", tokenizer=tok)
+    rep = export_checkpoint(tmp_path / "ck", tmp_path / "loop", ExportConfig(parity_loops=(1, cfg.num_loops,
+                                                                                               cfg.loop_limit)))
+    assert json.loads((tmp_path / "loop" / "manifest.json").read_text())["max_loops"] == cfg.loop_limit
+    assert set(rep["parity"]["by_num_loops"]) == {"1", str(cfg.num_loops), str(cfg.loop_limit)}
+    assert rep["parity"]["max_abs_err"] <= 1e-4
+    figures = parity(session(tmp_path / "loop"), load_model(tmp_path / "ck"), [5, 17, 42, 7], decode_steps=4,
+                     loop_counts=[cfg.loop_limit])
+    assert figures[str(cfg.loop_limit)]["max_abs_err"] <= 1e-4
+    with pytest.raises(ValueError, match="per-loop parameters"):
+        export_checkpoint(tmp_path / "ck", tmp_path / "o", ExportConfig(max_loops=cfg.loop_limit + 1))

@@ -90,7 +90,7 @@ class DynamicHC(_Streams):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        r, n, d = cfg.num_loops, cfg.n_streams, cfg.d_model
+        r, n, d = cfg.loop_limit, cfg.n_streams, cfg.d_model  # a row per loop it may run
         self.eps, self.iters = cfg.norm_eps, cfg.sinkhorn_iters
         self.w_pre = nn.Parameter(torch.zeros(r, n * d, n))
         self.w_post = nn.Parameter(torch.zeros(r, n * d, n))
@@ -141,7 +141,7 @@ class StaticLanes(_Streams):
 
     def __init__(self, cfg):
         super().__init__(cfg)
-        r, n = cfg.num_loops, cfg.n_streams
+        r, n = cfg.loop_limit, cfg.n_streams
         self.lane_alpha = nn.Parameter(torch.full((r, n), 1.0 / n))
         self.lane_mixing = nn.Parameter(torch.eye(n).repeat(r, 1, 1))
         self.lane_beta = nn.Parameter(torch.full((r, n), 1.0 / n))
