@@ -184,7 +184,7 @@ def report(rows: dict, cfgs: dict, a) -> None:
         return
     std = {k: math.log(rows[f"standard-{k}"]["fp32"]["ppl"]) for k in range(1, r + 1)}
     phis = {n: phi(std, math.log(rows[n]["fp32"]["ppl"]), r) for n in ("looped", "hyperloop")}
-    print(f"\n| model | unique params | effective layers | fp32 ppl | INT4 RTN G=128 | INT4 GPTQ G=128 | INT4 file |")
+    print("\n| model | unique params | effective layers | fp32 ppl | INT4 RTN G=128 | INT4 GPTQ G=128 | INT4 file |")
     print("|---|---|---|---|---|---|---|")
     for n in cfgs:
         f = rows[n]
