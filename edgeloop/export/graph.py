@@ -21,7 +21,7 @@ from edgeloop.export.weights import Weights
 from edgeloop.kv import Layout, past_name, present_name
 from edgeloop.model.config import HyperloopConfig
 from edgeloop.model.model import Hyperloop, meta_model
-from edgeloop.model.pieces import build as build_piece
+from edgeloop.model.pieces import REGISTRY
 from edgeloop.model.pieces.rotary import rope_tables
 
 
@@ -33,7 +33,7 @@ def positions(g: GraphBuilder, model: Hyperloop, input_ids, attention_mask, posi
     cfg = model.cfg
     cos_t, sin_t = rope_tables(cfg, cfg.max_seq_len)
     if fused:
-        sign = build_piece("rotary", cfg.rotary, cfg).SIN_SIGN
+        sign = REGISTRY["rotary"][cfg.rotary].SIN_SIGN
         ctx = {"position_ids": position_ids, "rope_cos": g.initializer("rope.cos", cos_t.numpy()),
                "rope_sin": g.initializer("rope.sin", (sign * sin_t).numpy())}
     else:

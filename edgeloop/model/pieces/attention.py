@@ -91,8 +91,8 @@ class Attention(nn.Module):
         """The same over [past; x] with queries grouped by KV head (no head-repeated copy of the cache).
         `past` is this layer's (k, v): returns (y, present k, present v), present = [past; new]. Or `past`
         is a function (g, attend, rank) -> attend(g, past_k, past_v) (a tensor of that rank) that picks the
-        past inside a subgraph (the Loop body): returns (y, new k, new v), the Loop concatenating after. ctx: cos, sin [B, 1, S, hd/2],
-        bias [B, 1 or rep, S, T] (0 / -inf). The fused graph: emit_fused."""
+        past inside a subgraph (the Loop body): returns (y, new k, new v), the Loop concatenating after.
+        ctx: cos, sin [B, 1, S, hd/2], bias [B, 1 or rep, S, T] (0 / -inf). The fused graph: emit_fused."""
         if w.fused:
             return self.emit_fused(g, w, x, ctx, past)
         H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim

@@ -21,25 +21,31 @@ def rope_tables(cfg, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     return cos, sin
 
 
+class _Fused:
+    """The fused graph's rotary: one com.microsoft.RotaryEmbedding, which rotates NeoX pairs (INTERLEAVED 0) or
+    adjacent pairs (1) by +angle; a flavour that turns by -angle gets its sin table negated (SIN_SIGN -1)."""
+    SIN_SIGN, INTERLEAVED = 1, 0
+
+    def emit_fused(self, g, x, n: int, ctx):
+        """x [B, S, n*hd] rotated at ctx["position_ids"] [B, S], over ctx["rope_cos"], ctx["rope_sin"]
+        [max_seq_len, hd/2] (sin already times SIN_SIGN: graph.positions)."""
+        return g.RotaryEmbedding(x, ctx["position_ids"], ctx["rope_cos"], ctx["rope_sin"], _domain="com.microsoft",
+                                 interleaved=self.INTERLEAVED, num_heads=n)
+
+
 @register("rotary", "half")
-class HalfSplit:
+class HalfSplit(_Fused):
     """Pairs (i, i + hd/2), rotated by -angle (looped-lm-scaling):
     [x1, x2] -> [x1 cos + x2 sin, x2 cos - x1 sin];  x [B, H, T, hd], cos/sin [B, 1, T, hd/2]."""
 
     def __init__(self, cfg):
         pass
 
-    SIN_SIGN, INTERLEAVED = -1, 0  # as com.microsoft.RotaryEmbedding sees it: NeoX pairs at angle * SIN_SIGN
+    SIN_SIGN = -1
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x1, x2 = x.chunk(2, dim=-1)
         return torch.cat([x1 * cos + x2 * sin, x2 * cos - x1 * sin], dim=-1)
-
-    def emit_fused(self, g, x, n: int, ctx):
-        """x [B, S, n*hd] rotated by one com.microsoft.RotaryEmbedding at ctx["position_ids"] [B, S], over the
-        tables ctx["rope_cos"], ctx["rope_sin"] [max_seq_len, hd/2] (sin times SIN_SIGN: fused_tables)."""
-        return g.RotaryEmbedding(x, ctx["position_ids"], ctx["rope_cos"], ctx["rope_sin"], _domain="com.microsoft",
-                                 interleaved=self.INTERLEAVED, num_heads=n)
 
     def emit(self, g, x, cos, sin):
         x1, x2 = g.Split(x, axis=-1, num_outputs=2, _outputs=2)
@@ -47,16 +53,14 @@ class HalfSplit:
 
 
 @register("rotary", "interleaved")
-class Interleaved:
+class Interleaved(_Fused):
     """Pairs (2i, 2i + 1), rotated by +angle (Huginn; a complex multiply by e^{i angle}):
     y[2i] = x[2i] cos - x[2i+1] sin,  y[2i+1] = x[2i+1] cos + x[2i] sin."""
 
-    SIN_SIGN, INTERLEAVED = 1, 1
+    INTERLEAVED = 1
 
     def __init__(self, cfg):
         pass
-
-    emit_fused = HalfSplit.emit_fused
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         pairs = x.unflatten(-1, (-1, 2))
@@ -76,7 +80,7 @@ class NeoX(HalfSplit):
     """Pairs (i, i + hd/2), rotated by +angle (GPT-NeoX / Llama / Qwen / Ouro: x cos + rotate_half(x) sin,
     rotate_half(x) = [-x2, x1]):  [x1, x2] -> [x1 cos - x2 sin, x2 cos + x1 sin]."""
 
-    SIN_SIGN, INTERLEAVED = 1, 0
+    SIN_SIGN = 1
 
     def apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x1, x2 = x.chunk(2, dim=-1)
