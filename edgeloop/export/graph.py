@@ -216,10 +216,11 @@ def route_presents(g: GraphBuilder, kv: Layout, num_loops, scans, past, latest: 
     exit gate stopped the Loop before it."""
     r, nm = kv.num_loops, kv.n_middle
     slots = [(l, j, c) for l in range(r) for j in range(nm) for c in range(2)]
+    # rows are taken by Slice, not Gather: WebGPU's Gather refuses a Loop output read inside an If branch
     ran = num_loops
     if latest:  # the iterations the Loop ran (the exit gate can stop it before num_loops)
         ran = g.Squeeze(g.Shape(scans[0], start=0, end=1), g.const([0]))
-        last = g.Sub(ran, g.const(1))
+        last_at = g.Sub(g.Shape(scans[0], start=0, end=1), g.const([1]))  # [ran - 1]
     kv_shape = ["batch_size", kv.kv_heads, "total_sequence_length", kv.head_dim]
     all_b, some_b = g.sub("all_loops/"), g.sub("some_loops/")
     rows = {}
@@ -236,11 +237,13 @@ def route_presents(g: GraphBuilder, kv: Layout, num_loops, scans, past, latest: 
     for l, j, c in slots:
         then_b, else_b = some_b.sub(f"ran{l}_{j}_{c}/"), some_b.sub(f"skipped{l}_{j}_{c}/")
         pst = past[kv.slot(l, j)][c]
-        t_out = typed(then_b.Concat(pst, then_b.Gather(scans[2 * j + c], then_b.const(l), axis=0), axis=2),
-                      FLOAT, kv_shape)
+        row = then_b.Squeeze(then_b.Slice(scans[2 * j + c], then_b.const([l]), then_b.const([l + 1])), then_b.const([0]))
+        t_out = typed(then_b.Concat(pst, row, axis=2), FLOAT, kv_shape)
         if latest:  # a loop the gate skipped: [past; the last iteration's]; a loop past num_loops: its past
             lat_b, skip_b = else_b.sub("latest/"), else_b.sub("skipped/")
-            lat = typed(lat_b.Concat(pst, lat_b.Gather(scans[2 * j + c], last, axis=0), axis=2), FLOAT, kv_shape)
+            row = lat_b.Squeeze(lat_b.Slice(scans[2 * j + c], last_at, lat_b.Add(last_at, lat_b.const([1]))),
+                                lat_b.const([0]))
+            lat = typed(lat_b.Concat(pst, row, axis=2), FLOAT, kv_shape)
             skip = typed(skip_b.Identity(pst), FLOAT, kv_shape)
             e_out = typed(else_b.If(else_b.Less(else_b.const(l), num_loops), then_branch=lat_b.graph([], [lat], "latest"),
                                     else_branch=skip_b.graph([], [skip], "skipped")), FLOAT, kv_shape)

@@ -103,16 +103,21 @@ def test_eval_reports_drift_and_placement_on_webgpu(webgpu, demo_int4, demo_dir,
 
     from tests.conftest import run_cli
 
-    code, out, _ = run_cli(monkeypatch, capsys, "eval", demo_int4, "--ep", "webgpu", "--reference", demo_dir,
-                           "--tokens", "128", "--threads", "1", "--json")
-    assert code == 0
-    r = json.loads(out)
-    assert r["ep"] == "webgpu" and abs(r["drift_pct"]) < 2.0
+    by_ep = {}
+    for ep in ("webgpu", "cpu"):
+        code, out, _ = run_cli(monkeypatch, capsys, "eval", demo_int4, "--ep", ep, "--reference", demo_dir,
+                               "--tokens", "128", "--threads", "1", "--json")
+        assert code == 0
+        by_ep[ep] = json.loads(out)
+    r = by_ep["webgpu"]
+    assert r["ep"] == "webgpu" and abs(r["drift_pct"]) < 5.0  # INT4 RTN on 128 tokens
+    assert abs(r["ppl"] - by_ep["cpu"]["ppl"]) <= 2e-3 * by_ep["cpu"]["ppl"]  # the same numbers as the CPU provider
     assert r["placement"]["WebGpuExecutionProvider"]["ops"]["MatMulNBits"] > 0
 
 
 def test_the_fused_graph_runs_on_webgpu(webgpu, tmp_path):
-    """export --fused: GroupQueryAttention and the RMSNorm kernels run on the WebGPU provider too."""
+    """export --fused: GroupQueryAttention and the RMSNorm kernels run on the WebGPU provider too, at the
+    trained loop count, fewer and more."""
     from edgeloop.export import ExportConfig, export_checkpoint
 
     _, cpu = webgpu
@@ -122,5 +127,7 @@ def test_the_fused_graph_runs_on_webgpu(webgpu, tmp_path):
     assert on_gpu.get("GroupQueryAttention", 0) > 0 and on_gpu.get("SimplifiedLayerNormalization", 0) > 0, on_gpu
     x = np.array([list(range(5, 21))], np.int64)
     feeds = (x, np.ones_like(x), np.arange(x.shape[1])[None], gpu_f.empty_past(1))
-    assert np.abs(gpu_f.forward(*feeds, gpu_f.num_loops)[0] - cpu_f.forward(*feeds, cpu_f.num_loops)[0]).max() <= LOGIT_ATOL
+    assert gpu_f.max_loops > gpu_f.num_loops  # the demo's dial: fewer loops than the per-step slots route presents
+    for loops in (gpu_f.num_loops, max(1, gpu_f.num_loops // 2), gpu_f.max_loops):
+        assert np.abs(gpu_f.forward(*feeds, loops)[0] - cpu_f.forward(*feeds, loops)[0]).max() <= LOGIT_ATOL
     assert gpu_f.generate_ids([[5, 6, 7]], 6, stop=()).tokens == cpu_f.generate_ids([[5, 6, 7]], 6, stop=()).tokens
