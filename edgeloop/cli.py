@@ -21,7 +21,8 @@ err = Console(stderr=True)
 
 
 def _command_line() -> str:
-    return "edgeloop " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    """The command as recorded in a model card: what reproduces the result (--overwrite does not change it)."""
+    return "edgeloop " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--overwrite")
 
 
 @app.command()
@@ -151,8 +152,10 @@ def export_cmd(
                                             "(one slot per middle layer); default: the model's"),
     kv_dtype: Optional[str] = typer.Option(None, help="the KV cache between steps: float32 (default) or float16 (half "
                                            "the KV memory; eval reports its decode drift)"),
-    max_loops: Optional[int] = typer.Option(None, help="the most loops num_loops may ask for (models without "
-                                            "per-loop parameters; with them: the model's, fixed when trained)"),
+    max_loops: Optional[int] = typer.Option(None, help="the most loops num_loops may ask for (default: the "
+                                            "model's; with per-loop parameters at most the trained max_loops, "
+                                            "whose first rows it keeps; = num_loops for onnxruntime-genai "
+                                            "with per-step KV)"),
     init_state: str = typer.Option("zeros", help="the loop state's start: zeros, or random (the injection's "
                                    "random start, e.g. Huginn's; an init_scale input, 0 = zeros)"),
     seed: int = typer.Option(0, help="--init-state random: the generator's seed"),
@@ -201,6 +204,8 @@ def export_cmd(
         t.add_row("ORT format", f"{o['file']} {o['bytes']:,} B ({o['style']}, {o['optimization']} optimizations; "
                   f"{len(o['operators'])} operator lines in {o['required_operators']}; "
                   f"max |logit difference| to model.onnx {o['max_abs_diff_vs_onnx']:.1e})")
+    gs = s.get("genai") or {"config": True}
+    t.add_row("onnxruntime-genai", "genai_config.json" if gs["config"] else f"no genai_config.json: {gs['why']}")
     out.print(t)
 
 

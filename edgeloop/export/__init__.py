@@ -41,7 +41,8 @@ class ExportConfig:
     ort: bool = False  # also model.ort + required_operators.config (onnxruntime mobile / minimal builds)
     kv_policy: str | None = None  # "per-step" | "shared" KV slots across loops; None: the model's kv_policy
     kv_dtype: str | None = None  # "float32" | "float16" KV cache between steps; None: the model's (float32)
-    max_loops: int | None = None  # the most loops num_loops may ask for; None: the model's (max_loops or r)
+    max_loops: int | None = None  # the most loops num_loops may ask for; None: the model's (max_loops or r); a
+                                  # model with per-loop parameters keeps their first max_loops rows
     init_state: str = "zeros"  # "zeros" | "random": the injection's random start behind the init_scale input
     seed: int = 0  # the random start's generator seed
     fused: bool = False  # matmulnbits: onnxruntime's fused kernels (GroupQueryAttention, SimplifiedLayerNorm,
@@ -68,7 +69,7 @@ def export_config(cfg, ec: ExportConfig):
         if cfg.hc != "none" or not REGISTRY["injection"][cfg.injection].random_start:
             raise ValueError(f"--init-state random: this model's loop state starts from its input "
                              f"(hc {cfg.hc}, injection {cfg.injection}); only a random-start injection has one")
-    if ec.max_loops is not None and cfg.has_loop_params and ec.max_loops != cfg.loop_limit:
+    if ec.max_loops is not None and cfg.has_loop_params and ec.max_loops > cfg.loop_limit:
         raise ValueError(f"--max-loops {ec.max_loops}: this model's per-loop parameters (hc {cfg.hc}, loop embedding "
                          f"{cfg.loop_embedding}) exist for loops 1..{cfg.loop_limit}; train it with --max-loops to change that")
     changes = {k: v for k, v in (("kv_policy", ec.kv_policy), ("max_loops", ec.max_loops),

@@ -131,10 +131,13 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
             raise ExportError(f"model.ort disagrees with model.onnx: max |logit difference| "
                               f"{manifest['ort']['max_abs_diff_vs_onnx']:.3g}")
         manifest["file_bytes"] = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
-    write_json(out / "genai_config.json", genai_config(cfg, manifest["generation"]))
+    manifest["genai"] = genai_support(cfg, ec)
+    if manifest["genai"]["config"]:
+        write_json(out / "genai_config.json", genai_config(cfg, manifest["generation"]))
     write_json(out / "config.json", optimum_config(cfg, manifest["generation"], raw))
     write_json(out / "manifest.json", manifest)
-    return {k: manifest.get(k) for k in ("format", "unroll", "graph", "parity", "file_bytes", "effective_layers", "ort")}
+    return {k: manifest.get(k) for k in ("format", "unroll", "graph", "parity", "file_bytes", "effective_layers", "ort",
+                                         "genai")}
 
 
 def trained_loops(cfg: HyperloopConfig) -> dict:
@@ -180,6 +183,17 @@ def versions() -> dict:
 
     return {"edgeloop": getattr(edgeloop, "__version__", "0"), "onnx": onnx.__version__,
             "onnxruntime": onnxruntime.__version__, "onnx_ir": ir.__version__, "torch": torch.__version__}
+
+
+def genai_support(cfg: HyperloopConfig, ec) -> dict:
+    """Whether onnxruntime-genai can drive the export. It runs the default loop count (it does not feed
+    num_loops) and expects every present to be its past plus the new tokens; per-step slots of the loops
+    between num_loops and max_loops keep their past unchanged, so such an export gets no genai_config.json."""
+    if cfg.kv_policy == "shared" or ec.unroll or cfg.loop_limit == cfg.num_loops:
+        return {"config": True}
+    return {"config": False, "why": f"per-step KV slots for loops {cfg.num_loops + 1}..{cfg.loop_limit} do not grow "
+            f"at the default {cfg.num_loops} loops; export with --max-loops {cfg.num_loops} (or --kv-policy shared) "
+            f"for onnxruntime-genai"}
 
 
 def genai_config(cfg: HyperloopConfig, gen: dict) -> dict:

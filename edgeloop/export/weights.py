@@ -77,10 +77,13 @@ class Weights:
         self.keys = set(self._f.keys())
         self._cache: dict[str, ir.Value] = {}
         self._names: dict[torch.nn.Module, str] = {}
+        self._rows: dict[str, int] = {}  # per-loop tensors: the rows the export keeps (bind)
 
     def bind(self, model: torch.nn.Module) -> "Weights":
         """Name every module of `model` (built on the meta device from the folder's config)."""
         self._names = {m: n for n, m in model.named_modules()}
+        shapes = {n: tuple(p.shape) for n, p in model.state_dict().items()}
+        self._rows = {n: shapes[n][0] for n, t in model.tensors().items() if t.role == "hc" and shapes[n]}
         self.vocab_size, self.d_model = model.cfg.vocab_size, model.cfg.d_model
         return self
 
@@ -97,6 +100,9 @@ class Weights:
             raise CheckpointError(f"{self.folder / 'model.safetensors'}: tensor '{name}' is missing")
         t = read_tensor(self._f, name, self.folder / "model.safetensors")
         check_finite(name, t)
+        rows = self._rows.get(name)
+        if rows is not None and t.ndim and t.shape[0] > rows:  # per-loop rows past the export's max_loops
+            t = t[:rows]
         return t
 
     def _once(self, g: GraphBuilder, name: str, make) -> ir.Value:

@@ -159,8 +159,9 @@ def test_external_data_export(exported, tmp_path):
 
 @pytest.mark.parametrize("name", ["test-dynamic", "test-static"])
 def test_per_loop_parameters_up_to_max_loops(tmp_path, tok, name):
-    """hc / loop-embedding rows exist for every loop up to max_loops: the export runs r + 2 loops at parity,
-    and an export --max-loops other than the model's is refused (the rows are fixed when trained)."""
+    """hc / loop-embedding rows exist for every loop up to max_loops: the export runs r + 2 loops at parity;
+    --max-loops r keeps the first r rows (and onnxruntime-genai's config, which a per-step export whose
+    max_loops passes r cannot have); past the trained rows it is refused."""
     cfg = dataclasses.replace(PRESETS[name], max_loops=PRESETS[name].num_loops + 2).validate()
     torch.manual_seed(0)
     model = Hyperloop(cfg)
@@ -177,5 +178,15 @@ def test_per_loop_parameters_up_to_max_loops(tmp_path, tok, name):
     figures = parity(session(tmp_path / "loop"), load_model(tmp_path / "ck"), [5, 17, 42, 7], decode_steps=4,
                      loop_counts=[cfg.loop_limit])
     assert figures[str(cfg.loop_limit)]["max_abs_err"] <= 1e-4
+    manifest = json.loads((tmp_path / "loop" / "manifest.json").read_text())
+    assert manifest["kv_policy"] == "per-step" and not manifest["genai"]["config"]
+    assert "--max-loops" in manifest["genai"]["why"] and not (tmp_path / "loop" / "genai_config.json").exists()
+    rep = export_checkpoint(tmp_path / "ck", tmp_path / "r", ExportConfig(max_loops=cfg.num_loops))
+    assert rep["parity"]["max_abs_err"] <= 1e-4 and rep["genai"]["config"]
+    m = onnx.load(str(tmp_path / "r" / "model.onnx"))
+    rows = {i.name: i.dims[0] for i in m.graph.initializer if i.name.startswith(("hc.", "loop_embed"))}
+    assert rows and set(rows.values()) == {cfg.num_loops}  # the first r rows only
+    assert json.loads((tmp_path / "r" / "genai_config.json").read_text())["model"]["decoder"]["num_hidden_layers"] == \
+        cfg.n_begin + cfg.num_loops * cfg.n_middle + cfg.n_end
     with pytest.raises(ValueError, match="per-loop parameters"):
         export_checkpoint(tmp_path / "ck", tmp_path / "o", ExportConfig(max_loops=cfg.loop_limit + 1))

@@ -54,14 +54,15 @@ export async function hasWebGpu() {
 }
 
 /**
- * Load the export folder at `base` (a URL ending in "/"): manifest.json, genai_config.json, the tokenizer,
+ * Load the export folder at `base` (a URL ending in "/"): manifest.json, genai_config.json (where written), the tokenizer,
  * model.onnx and model.onnx.data (when the manifest says the export has external data).
  * `ort`: the onnxruntime-web module; `ep`: "webgpu" or "wasm"; `Tokenizer`: @huggingface/tokenizers' class.
  */
 export async function loadModel({ ort, Tokenizer, base, ep = "wasm", onStatus = () => {} }) {
   onStatus("reading manifest.json");
   const manifest = await fetchJson(base + "manifest.json");
-  const genai = await fetchJson(base + "genai_config.json", true);
+  // an export onnxruntime-genai cannot drive has none (manifest.genai.why says so): not fetched, no 404
+  const genai = manifest.genai?.config === false ? null : await fetchJson(base + "genai_config.json", true);
   const c = manifest.config;
   const kv = manifest.kv ?? { // exports written before manifest.kv: the same convention, restated
     past_key: "past_key_values.%d.key", past_value: "past_key_values.%d.value",
