@@ -40,13 +40,16 @@ def demo_dir() -> Path:
 @pytest.fixture(scope="session")
 def demo_int4(tmp_path_factory, demo_dir) -> Path:
     """The demo model quantized INT4 (RTN, G=128: the quantize stage's defaults) into DIR/ck and exported
-    MatMulNBits into DIR/int4 (returned)."""
+    MatMulNBits into DIR/int4 (returned) at --max-loops r: onnxruntime-genai's form of a per-step export
+    (the demo's loop-count dial goes past r; an export that keeps it gets no genai_config.json)."""
     from edgeloop.export import ExportConfig, export_checkpoint
     from edgeloop.quantize import RTNConfig, quantize_checkpoint
 
     root = tmp_path_factory.mktemp("demo-int4")
     quantize_checkpoint(demo_dir, root / "ck", RTNConfig(), progress=False)
-    export_checkpoint(root / "ck", root / "int4", ExportConfig())
+    from edgeloop.model.checkpoint import load_config
+
+    export_checkpoint(root / "ck", root / "int4", ExportConfig(max_loops=load_config(demo_dir).num_loops))
     return root / "int4"
 
 
