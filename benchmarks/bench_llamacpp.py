@@ -7,7 +7,7 @@ same weights are written as an edgeloop checkpoint and as a llama GGUF (the gguf
 for llama.cpp's rotary on interleaved pairs), checked equal in fp32 (logits through llama-cpp-python,
 <= 1e-4), quantized by llama.cpp's own quantizer to Q4_0 and Q4_K_M and by edgeloop to INT4 (RTN, G=32 and
 G=128, MatMulNBits at accuracy level 4; the standard shape unrolled, the looped one as one Loop; the plain
-and the --fused graph). Then, in interleaved rounds, each engine in a fresh process: a 128-token prompt and
+and the --fused graph; with --genai-python also the builder's choices: G=32 symmetric, the tied table INT4). Then, in interleaved rounds, each engine in a fresh process: a 128-token prompt and
 128 greedy new tokens at 1 and 2 threads: decode tokens/s (median step), prefill ms, file bytes, peak RSS.
 Prints medians and ratios. llama-cpp-python and gguf are installed from PyPI when missing (llama-cpp-python
 builds llama.cpp from source: minutes). With --genai-python (a Python environment of its own holding
@@ -329,14 +329,17 @@ def main() -> None:
             print(f"genai builder fp32 vs PyTorch max |logit difference| {checks['genai builder']:.2e}", flush=True)
             build_genai(a.genai_python, root / "hf", root / "genai-g32")
             engines[f"{shape} genai builder G32"] = (shape, root / "genai-g32", GENAI_CHILD, a.genai_python)
-        for G in (32, 128):
-            quantize_checkpoint(root / "ck", root / f"int4-g{G}", RTNConfig(group_size=G), progress=False, overwrite=True)
-            for fused in (False, True):
-                out = root / f"x-g{G}{'-fused' if fused else ''}"
-                export_checkpoint(root / f"int4-g{G}", out, ExportConfig(accuracy_level=4, unroll=shape == "standard",
-                                                                        fused=fused, external_data=True), overwrite=True)
-                engines[f"{shape} edgeloop G{G}{' fused' if fused else ''}"] = (shape, out, EDGELOOP_CHILD,
-                                                                                  sys.executable)
+        quants = {f"G{G}": RTNConfig(group_size=G) for G in (32, 128)}
+        if a.genai_python and shape == "standard":  # the builder's own choices: symmetric, the tied table INT4 too
+            quants["G32 sym, INT4 embedding"] = RTNConfig(group_size=32, sym=True, embedding_bits=4)
+        for i, (q, rc) in enumerate(quants.items()):
+            quantize_checkpoint(root / "ck", root / f"int4-{i}", rc, progress=False, overwrite=True)
+            for fused in (False, True) if i < 2 else (True,):
+                out = root / f"x-{i}{'-fused' if fused else ''}"
+                export_checkpoint(root / f"int4-{i}", out, ExportConfig(accuracy_level=4, unroll=shape == "standard",
+                                                                       fused=fused, external_data=True), overwrite=True)
+                engines[f"{shape} edgeloop {q}{' fused' if fused else ''}"] = (shape, out, EDGELOOP_CHILD,
+                                                                                 sys.executable)
     threads = [int(t) for t in a.threads.split(",")]
     runs: dict[tuple[str, int], list[dict]] = {(e, t): [] for e in engines for t in threads}
     for rnd in range(a.rounds):
