@@ -238,7 +238,7 @@ def sweep_loops(r: int, max_loops: int) -> list[int]:
     """The loop counts a sweep visits: 1..max_loops when that is at most 8, else the powers of two up to
     max_loops, and r."""
     if max_loops <= 8:
-        return list(range(1, r + 1))
+        return list(range(1, max_loops + 1))
     return sorted({2 ** i for i in range(max_loops.bit_length()) if 2 ** i <= max_loops} | {r})
 
 

@@ -43,6 +43,13 @@ def test_bench_json_every_key_positive(tiny, monkeypatch, capsys):
     assert set(r["ratio_vs_reference"]) >= set(BENCH_KEYS) and r["ratio_vs_reference"]["kv_bytes_per_token"] == 1
 
 
+def test_sweep_visits_every_count_up_to_max_loops():
+    from edgeloop.runtime.measure import sweep_loops
+
+    assert sweep_loops(4, 4) == [1, 2, 3, 4] and sweep_loops(4, 6) == [1, 2, 3, 4, 5, 6]  # more loops than r too
+    assert sweep_loops(32, 64) == [1, 2, 4, 8, 16, 32, 64] and sweep_loops(12, 32) == [1, 2, 4, 8, 12, 16, 32]
+
+
 def test_sweep_has_r_rows_and_a_plot(tiny, monkeypatch, capsys, tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("In the beginning God created the heaven and the earth.\n" * 40)
