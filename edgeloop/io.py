@@ -28,10 +28,16 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool) -> Path:
 
 @contextlib.contextmanager
 def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp folder beside `out`; on success it is renamed to `out`, on error it is removed."""
+    """Yield a temp folder beside `out`; on success it is renamed to `out`, on error it is removed, and so are
+    the parent folders this call created (a failed stage leaves the disk as it found it)."""
     out = check_output_dir(out, overwrite)
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except BaseException:
+        _remove_empty(made)
+        raise
     try:
         yield tmp
         os.chmod(tmp, 0o755)
@@ -46,7 +52,17 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_empty(made)
         raise
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove `folders` (deepest first) while they are empty."""
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:
+            return
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
