@@ -11,7 +11,7 @@ import onnx
 import onnx_ir as ir
 
 from edgeloop.export.graph import build
-from edgeloop.export.verify import PROMPT, has_num_loops, padded_parity, parity, random_start
+from edgeloop.export.verify import PROMPT, has_num_loops, in_place_parity, padded_parity, parity, random_start
 from edgeloop.export.weights import Weights
 from edgeloop.io import write_json
 from edgeloop.model.checkpoint import GENERATION_FILES, TOKENIZER_FILES, generation_tokens
@@ -36,6 +36,29 @@ def graph_stats(model: ir.Model) -> dict:
     return {"nodes": sum(ops.values()), "body_nodes": sum(body_ops.values()), "loop": ops["Loop"] > 0,
             "ops": dict(ops), "body_ops": dict(body_ops), "initializer_bytes": dict(by_dtype),
             "initializer_total_bytes": sum(by_dtype.values())}
+
+
+def in_place(model: ir.Model) -> bool:
+    """Whether every present is com.microsoft.GroupQueryAttention's present over the same slot's past (Identity
+    between them aside): then onnxruntime writes each step's keys/values into the past's own buffer when the
+    present is bound to it (kv.py: in place)."""
+    def through(v):
+        while v is not None and v.producer() is not None and v.producer().op_type == "Identity":
+            v = v.producer().inputs[0]
+        return v
+
+    inputs = {v.name: v for v in model.graph.inputs}
+    presents = [v for v in model.graph.outputs if v.name.startswith("present.")]
+    for out in presents:
+        v = through(out)
+        node = v.producer() if v is not None else None
+        if node is None or node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft":
+            return False
+        c = list(node.outputs).index(v)  # 1: key, 2: value
+        past = inputs.get("past_key_values." + out.name[len("present."):])
+        if c not in (1, 2) or past is None or through(node.inputs[2 + c]) is not past:
+            return False
+    return bool(presents)
 
 
 def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, progress=None, source=None) -> dict:
@@ -72,7 +95,8 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
                 "trained_loops": trained_loops(cfg),
                 "init_state": {"kind": ec.init_state, "seed": ec.seed if ec.init_state == "random" else None},
                 "max_seq_len": cfg.max_seq_len, "source": str(source or in_dir),
-                "external_data": external, "kv": cfg.kv_layout().manifest(), "graph": stats, "versions": versions(),
+                "external_data": external, "kv": {**cfg.kv_layout().manifest(), "in_place": in_place(model)},
+                "graph": stats, "versions": versions(),
                 "file_bytes": {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()},
                 "config": cfg.to_dict(), "quantization_config": raw.get("quantization_config")}
     tokenizer_ok = all((in_dir / f).is_file() for f in TOKENIZER_FILES)
@@ -112,6 +136,11 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
                               "left_padded_batch": padded, **({"early_exit": early} if early else {}),
                               **({"short": short} if short else {}),
                               "reference": "int4-dequantized" if raw.get("quantization_config") else "fp32"}
+        if manifest["kv"]["in_place"]:  # the keys/values written into the pasts' buffers: the same logits
+            ip = manifest["parity"]["in_place"] = in_place_parity(sess, cfg, prompt, decode_steps=min(4, steps))
+            if not ip["max_abs_diff"] <= 1e-4:
+                raise ExportError(f"the in-place KV cache disagrees with the growing one: max |logit difference| "
+                                  f"{ip['max_abs_diff']:.3g}")
         if ec.init_state == "random":  # parity ran the zero state; the random one must be live and finite
             rs = manifest["parity"]["random_start"] = random_start(sess, cfg, prompt)
             if not (rs["finite"] and rs["change_between_draws"] > 0 and rs["change_vs_zero_state"] > 0):
@@ -133,7 +162,7 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
         manifest["file_bytes"] = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
     manifest["genai"] = genai_support(cfg, ec)
     if manifest["genai"]["config"]:
-        write_json(out / "genai_config.json", genai_config(cfg, manifest["generation"]))
+        write_json(out / "genai_config.json", genai_config(cfg, manifest["generation"], manifest["kv"]["in_place"]))
     write_json(out / "config.json", optimum_config(cfg, manifest["generation"], raw))
     write_json(out / "manifest.json", manifest)
     return {k: manifest.get(k) for k in ("format", "unroll", "graph", "parity", "file_bytes", "effective_layers", "ort",
@@ -196,8 +225,9 @@ def genai_support(cfg: HyperloopConfig, ec) -> dict:
             f"for onnxruntime-genai"}
 
 
-def genai_config(cfg: HyperloopConfig, gen: dict) -> dict:
-    """onnxruntime-genai's decoder description: one past/present pair per KV slot."""
+def genai_config(cfg: HyperloopConfig, gen: dict, share_buffer: bool = False) -> dict:
+    """onnxruntime-genai's decoder description: one past/present pair per KV slot; an in-place export
+    (kv.in_place) shares each past's buffer with its present (past_present_share_buffer)."""
     eos = gen["eos_token_id"][0] if len(gen["eos_token_id"]) == 1 else gen["eos_token_id"] or 0
     kv = cfg.kv_layout().manifest()
     return {
@@ -219,7 +249,7 @@ def genai_config(cfg: HyperloopConfig, gen: dict) -> dict:
         },
         "search": {"diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
                    "max_length": cfg.max_seq_len, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-                   "num_return_sequences": 1, "past_present_share_buffer": False, "repetition_penalty": 1.0,
+                   "num_return_sequences": 1, "past_present_share_buffer": share_buffer, "repetition_penalty": 1.0,
                    "temperature": 1.0, "top_k": 1, "top_p": 1.0},
     }
 

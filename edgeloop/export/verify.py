@@ -137,3 +137,41 @@ def padded_parity(session, model: Hyperloop, prompt_ids: list[int], decode_steps
     return {"max_abs_err": err, "max_abs_logit": max_logit, "steps": decode_steps, "batch": 2,
             "num_loops": num_loops or cfg.num_loops,
             "prompt_tokens": [len(a), len(b)], "left_padding": [0, pad]}
+
+
+def in_place_parity(session, cfg: HyperloopConfig, prompt_ids: list[int], decode_steps: int = 4) -> dict:
+    """An in-place export (kv.py): a left-padded batch of two decoded with every present bound to its past's
+    buffer of max_seq_len tokens against the same session fed growing pasts; max |logit difference| over
+    the real positions."""
+    import onnxruntime as ort
+
+    a = list(prompt_ids)
+    b = a[len(a) // 2:] or a[:1]
+    pad = len(a) - len(b)
+    ids0 = np.array([a, [0] * pad + b], np.int64)
+    mask0 = np.array([[1] * len(a), [0] * pad + [1] * len(b)], np.int64)
+    names = [o.name for o in session.get_outputs()]
+    layout = cfg.kv_layout()
+    shape = (2, layout.kv_heads, cfg.max_seq_len, layout.head_dim)
+    bufs = {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for n in layout.past_names()}
+    past = empty_past(cfg, 2)
+    ids, mask, err = ids0, mask0, 0.0
+    for _ in range(decode_steps + 1):
+        S = ids.shape[1]
+        feeds = {**feeds_for(cfg, ids, past, None, has_num_loops(session), mask), **zero_state(session)}
+        outs = session.run(names, feeds)
+        bind = session.io_binding()
+        bind.bind_output("logits")
+        for k, v in feeds.items():
+            if k in bufs:
+                bind.bind_ortvalue_input(k, bufs[k])
+                bind.bind_ortvalue_output("present." + k[len("past_key_values."):], bufs[k])
+            else:
+                bind.bind_cpu_input(k, np.ascontiguousarray(v))
+        session.run_with_iobinding(bind)
+        got, ref = bind.get_outputs()[0].numpy(), outs[names.index("logits")]
+        err = max(err, float(np.abs(got - ref)[mask[:, -S:].astype(bool)].max()))
+        past = {**past, **presents_to_past(names, outs)}
+        ids = ref[:, -1:].argmax(-1).astype(np.int64)
+        mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
+    return {"max_abs_diff": err, "steps": decode_steps, "batch": 2, "left_padding": [0, pad]}

@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from edgeloop.kv import Layout, next_past
+from edgeloop.kv import DTYPES, PAST, PRESENT, Layout, next_past
 from edgeloop.runtime.sampling import check_sampling, choose, encode, nll_sum, windows
 from edgeloop.runtime.session import (
     ContextLengthError, RuntimeInputError, check_convention, export_tokenizer, make_session, placement_from_profile,
@@ -90,6 +90,9 @@ class Runtime:
             self.stop_ids = set() if self.eos is None else {self.eos}
             self.pad = self.eos if self.eos is not None else 0
         self._placement: dict | None = None
+        # the fused graph's GroupQueryAttention writes each step's keys/values into its past's buffer (kv.py: in
+        # place); CPU buffers, so only where the session runs on the CPU provider
+        self.in_place = bool((self.manifest.get("kv") or {}).get("in_place")) and ep == "cpu"
 
     # ---- the knobs ---------------------------------------------------------------------------
     def _loops(self, num_loops: int | None) -> int:
@@ -113,13 +116,32 @@ class Runtime:
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         return self.kv.empty_past(batch)
 
+    def buffer_past(self, batch: int) -> dict:
+        """Pasts for an in-place export: one zeroed onnxruntime buffer [batch, kv_heads, max_seq_len, head_dim]
+        per slot, checked against the free memory before it is allocated."""
+        import onnxruntime as ort
+        import psutil
+
+        if not self.in_place:
+            raise RuntimeInputError(f"{self.folder}: not an in-place export (kv.in_place), or not on the CPU provider")
+        shape = (batch, self.kv_heads, self.ctx, self.head_dim)
+        dtype = np.dtype(DTYPES[self.kv.dtype])
+        need = 2 * self.kv.layers * int(np.prod(shape)) * dtype.itemsize
+        free = psutil.virtual_memory().available
+        if need > free:
+            raise RuntimeInputError(f"the KV buffers of {batch} sequences x {self.ctx} tokens need {need / 2**20:,.0f} "
+                                    f"MiB; {free / 2**20:,.0f} MiB are free (fewer prompts at once)")
+        return {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype)) for n in self.kv.past_names()}
+
     def forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: dict,
                 num_loops: int, exit_threshold: float | None = None,
-                keep_kv: bool = False) -> tuple[np.ndarray, dict]:
+                keep_kv: bool = False, in_place: bool = False) -> tuple[np.ndarray, dict]:
         """(logits [B,S,V], the next past) for new tokens `ids` [B,S] after `past`. An exit-gated export takes
         exit_threshold (default the model's) and leaves the loop each token exited at in last_exit_step.
         keep_kv: the next past stays in onnxruntime's buffers (OrtValues, fed back as they are: no copy of the
-        cache into numpy and back every step; generate does this); otherwise numpy arrays."""
+        cache into numpy and back every step; generate does this); otherwise numpy arrays.
+        in_place: `past` is buffer_past's; each present is bound to its past's buffer, which the step writes
+        into, and `past` itself is returned (generate does this for an in-place export)."""
         import onnxruntime as ort
 
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **past}
@@ -127,6 +149,22 @@ class Runtime:
             feeds["num_loops"] = np.array(num_loops, np.int64)
         if self.gated:
             feeds["exit_threshold"] = np.array(self._threshold(exit_threshold), np.float32)
+        if in_place:
+            b = self.session.io_binding()
+            extra = [n for n in self.out_names if n in ("logits", "exit_step")]
+            for n in extra:  # bound first: get_outputs() keeps the binding order
+                b.bind_output(n)
+            for k, v in feeds.items():
+                if k in past:
+                    b.bind_ortvalue_input(k, v)
+                    b.bind_ortvalue_output(PRESENT + k[len(PAST):], v)
+                else:
+                    b.bind_cpu_input(k, np.ascontiguousarray(v))
+            self.session.run_with_iobinding(b)
+            arrays = {n: o.numpy() for n, o in zip(extra, b.get_outputs()[: len(extra)])}
+            if self.gated:
+                self.last_exit_step = arrays["exit_step"]
+            return arrays["logits"], past
         if keep_kv or any(isinstance(v, ort.OrtValue) for v in past.values()):
             ov = {k: v if isinstance(v, ort.OrtValue) else ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v))
                   for k, v in feeds.items()}
@@ -200,14 +238,15 @@ class Runtime:
         for b, p in enumerate(rows):
             ids[b, longest - len(p):], mask[b, longest - len(p):] = p, 1
         pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
-        past, new, loops = self.empty_past(B), [[] for _ in range(B)], [[] for _ in range(B)]
+        past = self.buffer_past(B) if self.in_place else self.empty_past(B)
+        new, loops = [[] for _ in range(B)], [[] for _ in range(B)]
         finish = ["length"] * B
         done = np.zeros(B, bool)
         for _ in range(max_new_tokens):
             if pos.max() >= self.ctx:  # the next token would have no rotary position
                 finish = [f if d else "context" for f, d in zip(finish, done)]
                 break
-            logits, past = self.forward(ids, mask, pos, past, L, q, keep_kv=True)
+            logits, past = self.forward(ids, mask, pos, past, L, q, keep_kv=True, in_place=self.in_place)
             nxt = np.full(B, self.pad, np.int64)
             for b in np.flatnonzero(~done):
                 t = choose(logits[b, -1], rows[b] + new[b], rng, temperature, top_k, top_p, repetition_penalty)

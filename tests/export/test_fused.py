@@ -98,3 +98,35 @@ def test_fp16_kv_cache_halves_the_cache_and_reports_its_drift(quantized):
     k = r["kv_cache"]  # token by token through the cache: the fp16 cache against an fp32 one
     assert k["dtype"] == "float16" and k["policy"] == "shared" and abs(k["fp16_vs_fp32_cache_pct"]) < 1.0
     assert abs(k["decode_ppl"] / k["reference_decode_ppl"] - 1) < 1e-3 and "shared_vs_per_step_pct" in k
+
+
+def test_unrolled_fused_export_writes_the_kv_cache_in_place(quantized, monkeypatch):
+    """Every present of the unrolled fused graph is GroupQueryAttention's over its own past: kv.in_place, the
+    export checks the in-place cache against the growing one, genai_config.json shares the buffers, and the
+    runtime's in-place generation (a left-padded batch) gives the tokens of the growing cache. The Loop's
+    middle slots are built after the Loop, so a fused Loop export is not in place."""
+    from edgeloop.runtime import Runtime, RuntimeInputError
+
+    root = quantized["test-none"]
+    x = root / "fused-unrolled"
+    rep = export_checkpoint(root / "q", x, ExportConfig(fused=True, unroll=True, decode_steps=4))
+    m = json.loads((x / "manifest.json").read_text())
+    assert m["kv"]["in_place"] and rep["parity"]["in_place"]["max_abs_diff"] <= 1e-4
+    assert rep["parity"]["in_place"]["left_padding"][1] > 0
+    assert json.loads((x / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is True
+    export_checkpoint(root / "q", root / "fused-loop", ExportConfig(fused=True, decode_steps=2))
+    loop = json.loads((root / "fused-loop" / "manifest.json").read_text())
+    assert not loop["kv"]["in_place"] and "in_place" not in loop["parity"]
+    assert not json.loads((root / "fused-loop" / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
+    rt = Runtime(x, threads=1)
+    prompts = [[5, 17, 42, 7, 99, 3, 8], [11, 12], [250, 1, 2, 3]]
+    assert rt.in_place and rt.buffer_past(1)["past_key_values.0.key"].shape()[2] == rt.ctx
+    in_place = rt.generate_ids(prompts, 8, stop=())
+    rt.in_place = False
+    assert in_place.tokens == rt.generate_ids(prompts, 8, stop=()).tokens
+    rt.in_place = True
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: type("M", (), {"available": 1000})())
+    with pytest.raises(RuntimeInputError, match="KV buffers of 3 sequences"):
+        rt.generate_ids(prompts, 2, stop=())
