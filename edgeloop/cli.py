@@ -198,12 +198,17 @@ def export_cmd(
     t.add_row("parity", "not checked" if p is None else
               f"max |logit error| {p['max_abs_err']:.2e} ≤ {p['tolerance']:g} vs {p['reference']} PyTorch "
               f"(num_loops {', '.join(p['by_num_loops'])}; prefill + "
-              f"{next(iter(p['by_num_loops'].values()))['steps']} decode steps; a left-padded batch of two)")
+              f"{next(iter(p['by_num_loops'].values()))['steps']} decode steps; a left-padded batch of two"
+              + (f"; the in-place cache vs the growing one {p['in_place']['max_abs_diff']:.1e}" if p and p.get("in_place")
+                 else "") + ")")
     if s.get("ort"):
         o = s["ort"]
         t.add_row("ORT format", f"{o['file']} {o['bytes']:,} B ({o['style']}, {o['optimization']} optimizations; "
                   f"{len(o['operators'])} operator lines in {o['required_operators']}; "
                   f"max |logit difference| to model.onnx {o['max_abs_diff_vs_onnx']:.1e})")
+    kv = s.get("kv") or {}
+    t.add_row("KV cache", f"{kv.get('layers')} slots ({kv.get('policy')}, {kv.get('dtype')})" +
+              ("; in place: GroupQueryAttention writes each step into the past's buffer" if kv.get("in_place") else ""))
     gs = s.get("genai") or {"config": True}
     t.add_row("onnxruntime-genai", "genai_config.json" if gs["config"] else f"no genai_config.json: {gs['why']}")
     out.print(t)

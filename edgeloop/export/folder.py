@@ -166,7 +166,7 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
     write_json(out / "config.json", optimum_config(cfg, manifest["generation"], raw))
     write_json(out / "manifest.json", manifest)
     return {k: manifest.get(k) for k in ("format", "unroll", "graph", "parity", "file_bytes", "effective_layers", "ort",
-                                         "genai")}
+                                         "genai", "kv")}
 
 
 def trained_loops(cfg: HyperloopConfig) -> dict:
