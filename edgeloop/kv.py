@@ -43,6 +43,17 @@ def next_past(names: Sequence[str], outs: Sequence[Any]) -> dict[str, Any]:
     return {PAST + n[len(PRESENT):]: o for n, o in zip(names, outs) if n.startswith(PRESENT)}
 
 
+def bind_in_place(binding, feeds: dict[str, Any], buffers: dict[str, Any]) -> None:
+    """An onnxruntime IOBinding for an in-place step: each past fed from its buffer (an OrtValue) and its
+    present bound to the same buffer; every other feed bound from host memory."""
+    for name, value in feeds.items():
+        if name in buffers:
+            binding.bind_ortvalue_input(name, buffers[name])
+            binding.bind_ortvalue_output(PRESENT + name[len(PAST):], buffers[name])
+        else:
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+
+
 @dataclass(frozen=True)
 class Layout:
     """Which slot holds which layer's keys/values, and their shape and dtype."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from edgeloop.kv import Layout, next_past
+from edgeloop.kv import Layout, bind_in_place, next_past
 from edgeloop.model.config import HyperloopConfig
 from edgeloop.model.model import Hyperloop, KVCache
 
@@ -107,6 +107,15 @@ def parity(session, model: Hyperloop, prompt_ids: list[int], decode_steps: int =
     return result
 
 
+def padded_batch(prompt_ids: list[int]) -> tuple[np.ndarray, np.ndarray, tuple[list[int], list[int], int]]:
+    """The prompt and its second half left-padded to its length: ids, mask [2, len] and (a, b, padding)."""
+    a = list(prompt_ids)
+    b = a[len(a) // 2:] or a[:1]
+    pad = len(a) - len(b)
+    return (np.array([a, [0] * pad + b], np.int64), np.array([[1] * len(a), [0] * pad + [1] * len(b)], np.int64),
+            (a, b, pad))
+
+
 @torch.no_grad()
 def padded_parity(session, model: Hyperloop, prompt_ids: list[int], decode_steps: int = 4,
                   policy: str | None = None, num_loops: int | None = None) -> dict:
@@ -114,11 +123,7 @@ def padded_parity(session, model: Hyperloop, prompt_ids: list[int], decode_steps
     through the KV cache with the attention mask at `num_loops` (default r); errors over the real (unpadded)
     positions only."""
     cfg = model.cfg
-    a = list(prompt_ids)
-    b = a[len(a) // 2:] or a[:1]
-    pad = len(a) - len(b)
-    ids = np.array([a, [0] * pad + b], np.int64)
-    mask = np.array([[1] * len(a), [0] * pad + [1] * len(b)], np.int64)
+    ids, mask, (a, b, pad) = padded_batch(prompt_ids)
     names = [o.name for o in session.get_outputs()]
     cache, past = KVCache(cfg, policy), empty_past(cfg, 2, policy)
     err, max_logit = 0.0, 0.0
@@ -145,29 +150,20 @@ def in_place_parity(session, cfg: HyperloopConfig, prompt_ids: list[int], decode
     the real positions."""
     import onnxruntime as ort
 
-    a = list(prompt_ids)
-    b = a[len(a) // 2:] or a[:1]
-    pad = len(a) - len(b)
-    ids0 = np.array([a, [0] * pad + b], np.int64)
-    mask0 = np.array([[1] * len(a), [0] * pad + [1] * len(b)], np.int64)
+    ids, mask, (_, _, pad) = padded_batch(prompt_ids)
     names = [o.name for o in session.get_outputs()]
     layout = cfg.kv_layout()
     shape = (2, layout.kv_heads, cfg.max_seq_len, layout.head_dim)
     bufs = {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32)) for n in layout.past_names()}
     past = empty_past(cfg, 2)
-    ids, mask, err = ids0, mask0, 0.0
+    err = 0.0
     for _ in range(decode_steps + 1):
         S = ids.shape[1]
         feeds = {**feeds_for(cfg, ids, past, None, has_num_loops(session), mask), **zero_state(session)}
         outs = session.run(names, feeds)
         bind = session.io_binding()
         bind.bind_output("logits")
-        for k, v in feeds.items():
-            if k in bufs:
-                bind.bind_ortvalue_input(k, bufs[k])
-                bind.bind_ortvalue_output("present." + k[len("past_key_values."):], bufs[k])
-            else:
-                bind.bind_cpu_input(k, np.ascontiguousarray(v))
+        bind_in_place(bind, feeds, bufs)
         session.run_with_iobinding(bind)
         got, ref = bind.get_outputs()[0].numpy(), outs[names.index("logits")]
         err = max(err, float(np.abs(got - ref)[mask[:, -S:].astype(bool)].max()))

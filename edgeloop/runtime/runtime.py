@@ -21,7 +21,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from edgeloop.kv import DTYPES, PAST, PRESENT, Layout, next_past
+from edgeloop.kv import DTYPES, Layout, bind_in_place, next_past
 from edgeloop.runtime.sampling import check_sampling, choose, encode, nll_sum, windows
 from edgeloop.runtime.session import (
     ContextLengthError, RuntimeInputError, check_convention, export_tokenizer, make_session, placement_from_profile,
@@ -154,12 +154,7 @@ class Runtime:
             extra = [n for n in self.out_names if n in ("logits", "exit_step")]
             for n in extra:  # bound first: get_outputs() keeps the binding order
                 b.bind_output(n)
-            for k, v in feeds.items():
-                if k in past:
-                    b.bind_ortvalue_input(k, v)
-                    b.bind_ortvalue_output(PRESENT + k[len(PAST):], v)
-                else:
-                    b.bind_cpu_input(k, np.ascontiguousarray(v))
+            bind_in_place(b, feeds, past)
             self.session.run_with_iobinding(b)
             arrays = {n: o.numpy() for n, o in zip(extra, b.get_outputs()[: len(extra)])}
             if self.gated:
