@@ -48,6 +48,9 @@ def run_inspect(out: Console, path: Path, ppl: bool, tokens: int, text: Optional
     from edgeloop.model.inspect import summarize
     from edgeloop.quantize.validate import folder_problems
 
+    if (Path(path) / "manifest.json").is_file() and (Path(path) / "model.onnx").is_file():
+        raise CheckpointError(f"{path} is an export folder (model.onnx, manifest.json); inspect reads checkpoint "
+                              f"folders: `edgeloop bench {path}` or `edgeloop eval {path}` measure an export")
     s = summarize(path, folder_problems(path)[2])
     problems = s["problems"]
     if ppl and not problems:

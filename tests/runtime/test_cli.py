@@ -123,6 +123,7 @@ def test_bad_inputs_one_line_exit_2(tiny, monkeypatch, capsys, tmp_path):
         (["eval", tiny["loop"], "--reference", tiny["loop"]], "is an export folder"),
         (["eval", tmp_path / "orphan"], "float source checkpoint is not recorded or not found"),
         (["bench", tiny["unrolled"], "--sweep"], "unrolled export has no num_loops input"),
+        (["inspect", tiny["loop"]], "is an export folder (model.onnx, manifest.json); inspect reads checkpoint"),
     ]
     for args, msg in cases:
         code, out, err = run_cli(monkeypatch, capsys, *args)
