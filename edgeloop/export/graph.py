@@ -22,6 +22,7 @@ from edgeloop.kv import Layout, past_name, present_name
 from edgeloop.model.config import HyperloopConfig
 from edgeloop.model.model import Hyperloop, meta_model
 from edgeloop.model.pieces import REGISTRY
+from edgeloop.model.pieces.block import emit_chain
 from edgeloop.model.pieces.rotary import rope_tables
 
 
@@ -88,8 +89,8 @@ def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False, kv_policy: str
 
     presents: dict[int, tuple] = {}
     x = model.emit_embed(g, w, input_ids)
-    for i, blk in enumerate(model.begin):
-        x, *presents[i] = blk.emit(g, w, x, ctx, past[i])
+    x, pres = emit_chain(g, w, model.begin, x, ctx, [past[i] for i in range(cfg.n_begin)])
+    presents.update(enumerate(pres))
     e = x
     state = model.hc.emit_init(g, e, ctx)
     num_loops = None
@@ -108,8 +109,8 @@ def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False, kv_policy: str
     x = state if model.exit_gate is not None else model.hc.emit_collapse(g, state)
     if cfg.post_loop_norm:
         x = model.final_norm.emit(g, w, x)
-    for j, blk in enumerate(model.end):
-        x, *presents[kv.end_slot(j)] = blk.emit(g, w, x, ctx, past[kv.end_slot(j)])
+    x, pres = emit_chain(g, w, model.end, x, ctx, [past[kv.end_slot(j)] for j in range(cfg.n_end)])
+    presents.update({kv.end_slot(j): p for j, p in enumerate(pres)})
     logits = model.emit_head(g, w, x)
 
     outputs = [typed(g.Identity(logits), FLOAT, ["batch_size", "sequence_length", cfg.vocab_size], "logits")]

@@ -29,6 +29,7 @@ import torch.nn as nn
 
 from edgeloop.model.config import HyperloopConfig
 from edgeloop.model.pieces import build
+from edgeloop.model.pieces.block import emit_chain
 from edgeloop.model.pieces.exit import ExitGate
 from edgeloop.model.pieces.norm import RMSNorm, rms_norm  # noqa: F401  (re-exported)
 from edgeloop.model.pieces.rotary import rope_tables
@@ -246,10 +247,7 @@ class Hyperloop(nn.Module):
         u, mix = self.hc.emit_enter(g, w, state, e, l, self.inject)
         if self.loop_embed is not None:
             u = g.Add(u, w.loop_row(g, self, "loop_embed", l))
-        presents, o = [], u
-        for block, past in zip(self.middle, pasts):
-            o, k, v = block.emit(g, w, o, ctx, past)
-            presents.append((k, v))
+        o, presents = emit_chain(g, w, self.middle, u, ctx, pasts)
         if self.middle_norm is not None:
             o = self.middle_norm.emit(g, w, o)
         if self.cfg.norm_each_loop:

@@ -72,7 +72,6 @@ class Attention(nn.Module):
             return self.rotary.emit_fused(g, t, n, ctx)
 
         q, k = rotate(q, H), rotate(k, KV)
-        k4 = g.Reshape(k, g.const([0, 0, KV, hd]))
 
         def gqa(b, pk, pv):
             return b.GroupQueryAttention(q, k, v, pk, pv, ctx["seqlens_k"], ctx["total_len"], None, None, None,
@@ -81,7 +80,7 @@ class Attention(nn.Module):
 
         if callable(past):  # in the Loop body: the new keys/values leave as [B, KV, S, hd] (the Loop concatenates)
             y = past(g, lambda b, pk, pv: gqa(b, pk, pv)[0], rank=3)  # [B, S, H*hd]
-            new_k = g.Transpose(k4, perm=[0, 2, 1, 3])
+            new_k = g.Transpose(g.Reshape(k, g.const([0, 0, KV, hd])), perm=[0, 2, 1, 3])
             new_v = g.Transpose(g.Reshape(v, g.const([0, 0, KV, hd])), perm=[0, 2, 1, 3])
             return w.linear(g, y, self.c_proj), new_k, new_v
         y, pk, pv = gqa(g, *past)

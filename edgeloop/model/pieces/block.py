@@ -1,15 +1,40 @@
 """Transformer block kinds (config field `block`), in PyTorch and as ONNX nodes.
 
 Every block: forward(x, rope, mask, past) -> (x, present (k, v));
-             emit(g, w, x, ctx, past)     -> (x, k, v) as Attention.emit returns them.
+             emit(g, w, x, ctx, past, chain=False) -> (x, k, v) as Attention.emit returns them
+             (chain: see emit_chain).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch.nn as nn
 
 from edgeloop.model.pieces import build, register
 from edgeloop.model.pieces.attention import Attention
 from edgeloop.model.pieces.norm import RMSNorm
+
+
+class Pending(NamedTuple):
+    """A residual sum x + delta not yet formed: the fused graph hands it to the next block's first norm, one
+    SkipSimplifiedLayerNormalization (onnxruntime-genai's chain) instead of an Add and a norm."""
+    x: object
+    delta: object
+
+
+def settle(g, x):
+    """x itself, or a Pending's sum."""
+    return g.Add(x.x, x.delta) if isinstance(x, Pending) else x
+
+
+def emit_chain(g, w, blocks, x, ctx, pasts) -> tuple:
+    """Blocks one after another: (x, [(k, v) per block]); in the fused graph each residual sum is formed by
+    the next block's norm."""
+    presents = []
+    for blk, past in zip(blocks, pasts):
+        x, k, v = blk.emit(g, w, x, ctx, past, chain=True)
+        presents.append((k, v))
+    return settle(g, x), presents
 
 
 @register("block", "prenorm")
@@ -28,10 +53,16 @@ class PreNorm(nn.Module):
         x = x + a
         return x + self.mlp(self.norm2(x)), present
 
-    def emit(self, g, w, x, ctx, past):
-        a, k, v = self.attn.emit(g, w, self.norm1.emit(g, w, x), ctx, past)
+    def emit(self, g, w, x, ctx, past, chain: bool = False):
+        """chain (fused graph): x may be a Pending sum, and the last residual sum is returned Pending."""
+        if isinstance(x, Pending):
+            h, x = self.norm1.emit_skip(g, w, x.x, x.delta)
+        else:
+            h = self.norm1.emit(g, w, x)
+        a, k, v = self.attn.emit(g, w, h, ctx, past)
         h, x = self.norm2.emit_skip(g, w, x, a)
-        return g.Add(x, self.mlp.emit(g, w, h)), k, v
+        m = self.mlp.emit(g, w, h)
+        return (Pending(x, m) if chain and w.fused else g.Add(x, m)), k, v
 
 
 @register("block", "sandwich")
@@ -51,7 +82,8 @@ class Sandwich(nn.Module):
         x = self.norm2(x + a)
         return self.norm4(x + self.mlp(self.norm3(x))), present
 
-    def emit(self, g, w, x, ctx, past):
+    def emit(self, g, w, x, ctx, past, chain: bool = False):
+        x = settle(g, x)
         a, k, v = self.attn.emit(g, w, self.norm1.emit(g, w, x), ctx, past)
         x = self.norm2.emit_skip(g, w, x, a)[0]
         return self.norm4.emit_skip(g, w, x, self.mlp.emit(g, w, self.norm3.emit(g, w, x)))[0], k, v
@@ -68,7 +100,8 @@ class PrePost(Sandwich):
         x = x + self.norm2(a)
         return x + self.norm4(self.mlp(self.norm3(x))), present
 
-    def emit(self, g, w, x, ctx, past):
+    def emit(self, g, w, x, ctx, past, chain: bool = False):
+        x = settle(g, x)
         a, k, v = self.attn.emit(g, w, self.norm1.emit(g, w, x), ctx, past)
         h, x = self.norm3.emit_skip(g, w, x, self.norm2.emit(g, w, a))
         return g.Add(x, self.norm4.emit(g, w, self.mlp.emit(g, w, h))), k, v
