@@ -32,13 +32,10 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     the parent folders this call created (a failed stage leaves the disk as it found it)."""
     out = check_output_dir(out, overwrite)
     made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]  # deepest first
-    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = None
     try:
+        out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except BaseException:
-        _remove_empty(made)
-        raise
-    try:
         yield tmp
         os.chmod(tmp, 0o755)
         for f in tmp.rglob("*"):  # some writers (safetensors) create 0600 files
@@ -51,7 +48,8 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         _remove_empty(made)
         raise
 

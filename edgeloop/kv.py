@@ -15,7 +15,8 @@ The first step feeds empty pasts ([B, kv_heads, 0, head_dim]); each step's prese
 pasts. In place (manifest "kv": "in_place", the fused graph where every present is GroupQueryAttention's over
 its own past): the pasts may instead be buffers of the whole context [B, kv_heads, max_seq_len, head_dim],
 each present bound to its past's buffer; attention_mask [B, T] still gives the length, and a step writes its
-keys/values at T-S..T-1 of the buffer (onnxruntime-genai's past_present_share_buffer). manifest.json records the names and the layout ("kv"), and edgeloop/runtime/web/edgeloop.mjs reads them from
+keys/values at T-S..T-1 of the buffer (onnxruntime-genai's past_present_share_buffer).
+manifest.json records the names and the layout ("kv"), and edgeloop/runtime/web/edgeloop.mjs reads them from
 there.
 """
 from __future__ import annotations

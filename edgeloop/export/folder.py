@@ -14,6 +14,7 @@ from edgeloop.export.graph import build
 from edgeloop.export.verify import PROMPT, has_num_loops, in_place_parity, padded_parity, parity, random_start
 from edgeloop.export.weights import Weights
 from edgeloop.io import write_json
+from edgeloop.kv import PAST, PRESENT
 from edgeloop.model.checkpoint import GENERATION_FILES, TOKENIZER_FILES, generation_tokens
 from edgeloop.model.config import HyperloopConfig
 from edgeloop.model.model import meta_model
@@ -48,14 +49,14 @@ def in_place(model: ir.Model) -> bool:
         return v
 
     inputs = {v.name: v for v in model.graph.inputs}
-    presents = [v for v in model.graph.outputs if v.name.startswith("present.")]
+    presents = [v for v in model.graph.outputs if v.name.startswith(PRESENT)]
     for out in presents:
         v = through(out)
         node = v.producer() if v is not None else None
         if node is None or node.op_type != "GroupQueryAttention" or node.domain != "com.microsoft":
             return False
         c = list(node.outputs).index(v)  # 1: key, 2: value
-        past = inputs.get("past_key_values." + out.name[len("present."):])
+        past = inputs.get(PAST + out.name[len(PRESENT):])
         if c not in (1, 2) or past is None or through(node.inputs[2 + c]) is not past:
             return False
     return bool(presents)
@@ -160,7 +161,7 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
             raise ExportError(f"model.ort disagrees with model.onnx: max |logit difference| "
                               f"{manifest['ort']['max_abs_diff_vs_onnx']:.3g}")
         manifest["file_bytes"] = {p.name: p.stat().st_size for p in out.iterdir() if p.is_file()}
-    manifest["genai"] = genai_support(cfg, ec)
+    manifest["genai"] = genai_support(cfg)
     if manifest["genai"]["config"]:
         write_json(out / "genai_config.json", genai_config(cfg, manifest["generation"], manifest["kv"]["in_place"]))
     write_json(out / "config.json", optimum_config(cfg, manifest["generation"], raw))
@@ -214,11 +215,11 @@ def versions() -> dict:
             "onnxruntime": onnxruntime.__version__, "onnx_ir": ir.__version__, "torch": torch.__version__}
 
 
-def genai_support(cfg: HyperloopConfig, ec) -> dict:
+def genai_support(cfg: HyperloopConfig) -> dict:
     """Whether onnxruntime-genai can drive the export. It runs the default loop count (it does not feed
     num_loops) and expects every present to be its past plus the new tokens; per-step slots of the loops
     between num_loops and max_loops keep their past unchanged, so such an export gets no genai_config.json."""
-    if cfg.kv_policy == "shared" or ec.unroll or cfg.loop_limit == cfg.num_loops:
+    if cfg.kv_policy == "shared" or cfg.loop_limit == cfg.num_loops:  # (an unrolled export: always the latter)
         return {"config": True}
     return {"config": False, "why": f"per-step KV slots for loops {cfg.num_loops + 1}..{cfg.loop_limit} do not grow "
             f"at the default {cfg.num_loops} loops; export with --max-loops {cfg.num_loops} (or --kv-policy shared) "

@@ -125,13 +125,12 @@ class Runtime:
         if not self.in_place:
             raise RuntimeInputError(f"{self.folder}: not an in-place export (kv.in_place), or not on the CPU provider")
         shape = (batch, self.kv_heads, self.ctx, self.head_dim)
-        dtype = np.dtype(DTYPES[self.kv.dtype])
-        need = 2 * self.kv.layers * int(np.prod(shape)) * dtype.itemsize
+        need = batch * self.ctx * self.kv.bytes_per_token(self.kv.num_loops)  # every slot, the whole context
         free = psutil.virtual_memory().available
         if need > free:
             raise RuntimeInputError(f"the KV buffers of {batch} sequences x {self.ctx} tokens need {need / 2**20:,.0f} "
                                     f"MiB; {free / 2**20:,.0f} MiB are free (fewer prompts at once)")
-        return {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype)) for n in self.kv.past_names()}
+        return {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, DTYPES[self.kv.dtype])) for n in self.kv.past_names()}
 
     def forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: dict,
                 num_loops: int, exit_threshold: float | None = None,
