@@ -208,7 +208,7 @@ def export_cmd(
                   f"max |logit difference| to model.onnx {o['max_abs_diff_vs_onnx']:.1e})")
     kv = s.get("kv") or {}
     t.add_row("KV cache", f"{kv.get('layers')} slots ({kv.get('policy')}, {kv.get('dtype')})" +
-              ("; in place: GroupQueryAttention writes each step into the past's buffer" if kv.get("in_place") else ""))
+              ("; in place: each step writes its keys/values into the past's buffer" if kv.get("in_place") else ""))
     gs = s.get("genai") or {"config": True}
     t.add_row("onnxruntime-genai", "genai_config.json" if gs["config"] else f"no genai_config.json: {gs['why']}")
     out.print(t)

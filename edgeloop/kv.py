@@ -12,8 +12,8 @@ for each slot i: begin layers, then the middle layers, then end layers. Two poli
               last loop's. KV bytes per token do not grow with the loop count, and any token may run any
               number of loops (Huginn's compress-s4 cache).
 The first step feeds empty pasts ([B, kv_heads, 0, head_dim]); each step's presents are the next step's
-pasts. In place (manifest "kv": "in_place", the fused graph where every present is GroupQueryAttention's over
-its own past): the pasts may instead be buffers of the whole context [B, kv_heads, max_seq_len, head_dim],
+pasts. In place (manifest "kv": "in_place", the fused graph: every present is its own past written by
+GroupQueryAttention or ScatterND, export/folder.py: in_place): the pasts may instead be buffers of the whole context [B, kv_heads, max_seq_len, head_dim],
 each present bound to its past's buffer; attention_mask [B, T] still gives the length, and a step writes its
 keys/values at T-S..T-1 of the buffer (onnxruntime-genai's past_present_share_buffer).
 manifest.json records the names and the layout ("kv"), and edgeloop/runtime/web/edgeloop.mjs reads them from
@@ -46,13 +46,18 @@ def next_past(names: Sequence[str], outs: Sequence[Any]) -> dict[str, Any]:
 
 def bind_in_place(binding, feeds: dict[str, Any], buffers: dict[str, Any]) -> None:
     """An onnxruntime IOBinding for an in-place step: each past fed from its buffer (an OrtValue) and its
-    present bound to the same buffer; every other feed bound from host memory."""
+    present bound to the same buffer; every other feed bound from host memory, as an OrtValue (bind_cpu_input
+    does not know the inputs with a default, such as num_loops), kept alive with the binding."""
+    from onnxruntime import OrtValue
+
+    keep = binding.__dict__.setdefault("_edgeloop_feeds", [])
     for name, value in feeds.items():
         if name in buffers:
             binding.bind_ortvalue_input(name, buffers[name])
             binding.bind_ortvalue_output(PRESENT + name[len(PAST):], buffers[name])
         else:
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+            keep.append(OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
+            binding.bind_ortvalue_input(name, keep[-1])
 
 
 @dataclass(frozen=True)

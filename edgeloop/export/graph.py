@@ -204,17 +204,58 @@ def loop(g: GraphBuilder, w: Weights, model: Hyperloop, kv: Layout, num_loops, s
     if gate is not None:
         ctx["exit_step"] = exits[3]
         final = exits[4]  # each token's output at the loop it exited at (the collapsed state)
-    if kv.shared:
-        return final, {kv.slot(0, j): tuple(g.Concat(past[kv.slot(0, j)][c], kvs[2 * j + c], axis=2) for c in range(2))
-                       for j in range(nm)}
-    return final, route_presents(g, kv, num_loops, kvs, past, latest=gate is not None)
+
+    def presents_of(b: GraphBuilder, append) -> dict:
+        if kv.shared:
+            return {kv.slot(0, j): tuple(append(b, past[kv.slot(0, j)][c], kvs[2 * j + c]) for c in range(2))
+                    for j in range(nm)}
+        return route_presents(b, kv, num_loops, kvs, past, latest=gate is not None, append=append)
+
+    if not w.fused:
+        return final, presents_of(g, concat)
+    return final, written_or_grown(g, kv, ctx, past[kv.slot(0, 0)][0], presents_of)
 
 
-def route_presents(g: GraphBuilder, kv: Layout, num_loops, scans, past, latest: bool) -> dict:
+def concat(b: GraphBuilder, past, new):
+    """[past; new] along the sequence: the growing cache."""
+    return b.Concat(past, new, axis=2)
+
+
+def written_or_grown(g: GraphBuilder, kv: Layout, ctx, a_past, presents_of) -> dict:
+    """The middle slots' presents of the fused Loop graph, presents_of(b, append) built twice under one If: when
+    the pasts are buffers of the context (past length >= T, kv.py's in-place convention) each new row is
+    written by ScatterND at T-S..T-1 of its past (onnxruntime writes it into the past's own buffer when the
+    present is bound to it: no copy of the cache), else present = [past; new] (the growing cache)."""
+    bias = ctx["bias_gqa"]  # [B, 1, S, T]
+    buffered = g.GreaterOrEqual(g.Shape(a_past, start=2, end=3), g.Shape(bias, start=3, end=4))
+    wb, gb = g.sub("kv_written/"), g.sub("kv_grown/")
+    B, S, T = (wb.Shape(bias, start=i, end=i + 1) for i in (0, 2, 3))
+    shape = wb.Concat(B, wb.const([kv.kv_heads]), S, wb.const([1]), axis=0)
+
+    def along(start, stop, at):  # Range(start, stop) as a [B, KV, S, 1] index along axis `at`
+        dims = [1, 1, 1, 1]
+        dims[at] = -1
+        return wb.Expand(wb.Reshape(wb.Range(start, stop, wb.const(1)), wb.const(dims)), shape)
+
+    idx = wb.Concat(along(wb.const(0), wb.Squeeze(B), 0), along(wb.const(0), wb.const(kv.kv_heads), 1),
+                    along(wb.Squeeze(wb.Sub(T, S)), wb.Squeeze(T), 2), axis=3)  # [B, KV, S, 3]: (b, h, t)
+    written = presents_of(wb, lambda b, past, new: b.ScatterND(past, idx, new))
+    grown = presents_of(gb, concat)
+    slots = sorted(written)
+    dims = ["batch_size", kv.kv_heads, "total_sequence_length", kv.head_dim]
+    outs = g.If(buffered, then_branch=wb.graph([], [typed(written[s][c], FLOAT, dims) for s in slots for c in range(2)],
+                                               "kv_written"),
+                else_branch=gb.graph([], [typed(grown[s][c], FLOAT, dims) for s in slots for c in range(2)], "kv_grown"),
+                _outputs=2 * len(slots))
+    outs = [outs] if 2 * len(slots) == 1 else outs
+    return {s: (outs[2 * i], outs[2 * i + 1]) for i, s in enumerate(slots)}
+
+
+def route_presents(g: GraphBuilder, kv: Layout, num_loops, scans, past, latest: bool, append=concat) -> dict:
     """present.{slot} from the Loop's scan outputs (scans[2j + c]: [iterations, B, KV, S, hd]). One If picks
-    the common all-loops-ran path; otherwise each slot takes [past; its scan row] when its loop ran, its
-    past unchanged when its loop is past num_loops, and, with `latest`, [past; the last scan row] when the
-    exit gate stopped the Loop before it."""
+    the common all-loops-ran path; otherwise each slot takes append(past, its scan row) when its loop ran, its
+    past unchanged when its loop is past num_loops, and, with `latest`, append(past, the last scan row) when the
+    exit gate stopped the Loop before it. append: concat, or written_or_grown's in-place write."""
     r, nm = kv.num_loops, kv.n_middle
     slots = [(l, j, c) for l in range(r) for j in range(nm) for c in range(2)]
     # rows are taken by Slice, not Gather: WebGPU's Gather refuses a Loop output read inside an If branch
@@ -232,19 +273,19 @@ def route_presents(g: GraphBuilder, kv: Layout, num_loops, scans, past, latest: 
             parts = all_b.Split(flat, axis=0, num_outputs=r, _outputs=r) if r > 1 else [flat]
             for l, part in enumerate(parts):  # [r*B, KV, S, hd] split into r rows of [B, KV, S, hd]
                 rows[l, j, c] = part
-    all_outs = [typed(all_b.Concat(past[kv.slot(l, j)][c], rows[l, j, c], axis=2), FLOAT, kv_shape)
+    all_outs = [typed(append(all_b, past[kv.slot(l, j)][c], rows[l, j, c]), FLOAT, kv_shape)
                 for l, j, c in slots]
     some_outs = []
     for l, j, c in slots:
         then_b, else_b = some_b.sub(f"ran{l}_{j}_{c}/"), some_b.sub(f"skipped{l}_{j}_{c}/")
         pst = past[kv.slot(l, j)][c]
         row = then_b.Squeeze(then_b.Slice(scans[2 * j + c], then_b.const([l]), then_b.const([l + 1])), then_b.const([0]))
-        t_out = typed(then_b.Concat(pst, row, axis=2), FLOAT, kv_shape)
+        t_out = typed(append(then_b, pst, row), FLOAT, kv_shape)
         if latest:  # a loop the gate skipped: [past; the last iteration's]; a loop past num_loops: its past
             lat_b, skip_b = else_b.sub("latest/"), else_b.sub("skipped/")
             row = lat_b.Squeeze(lat_b.Slice(scans[2 * j + c], last_at, lat_b.Add(last_at, lat_b.const([1]))),
                                 lat_b.const([0]))
-            lat = typed(lat_b.Concat(pst, row, axis=2), FLOAT, kv_shape)
+            lat = typed(append(lat_b, pst, row), FLOAT, kv_shape)
             skip = typed(skip_b.Identity(pst), FLOAT, kv_shape)
             e_out = typed(else_b.If(else_b.Less(else_b.const(l), num_loops), then_branch=lat_b.graph([], [lat], "latest"),
                                     else_branch=skip_b.graph([], [skip], "skipped")), FLOAT, kv_shape)

@@ -144,10 +144,11 @@ def padded_parity(session, model: Hyperloop, prompt_ids: list[int], decode_steps
             "prompt_tokens": [len(a), len(b)], "left_padding": [0, pad]}
 
 
-def in_place_parity(session, cfg: HyperloopConfig, prompt_ids: list[int], decode_steps: int = 4) -> dict:
+def in_place_parity(session, cfg: HyperloopConfig, prompt_ids: list[int], decode_steps: int = 4,
+                    num_loops: int | None = None) -> dict:
     """An in-place export (kv.py): a left-padded batch of two decoded with every present bound to its past's
-    buffer of max_seq_len tokens against the same session fed growing pasts; max |logit difference| over
-    the real positions."""
+    buffer of max_seq_len tokens against the same session fed growing pasts, at `num_loops` (default: the
+    graph's); max |logit difference| over the real positions."""
     import onnxruntime as ort
 
     ids, mask, (_, _, pad) = padded_batch(prompt_ids)
@@ -159,7 +160,7 @@ def in_place_parity(session, cfg: HyperloopConfig, prompt_ids: list[int], decode
     err = 0.0
     for _ in range(decode_steps + 1):
         S = ids.shape[1]
-        feeds = {**feeds_for(cfg, ids, past, None, has_num_loops(session), mask), **zero_state(session)}
+        feeds = {**feeds_for(cfg, ids, past, num_loops, has_num_loops(session), mask), **zero_state(session)}
         outs = session.run(names, feeds)
         bind = session.io_binding()
         bind.bind_output("logits")
@@ -170,4 +171,5 @@ def in_place_parity(session, cfg: HyperloopConfig, prompt_ids: list[int], decode
         past = {**past, **presents_to_past(names, outs)}
         ids = ref[:, -1:].argmax(-1).astype(np.int64)
         mask = np.concatenate([mask, np.ones((2, 1), np.int64)], 1)
-    return {"max_abs_diff": err, "steps": decode_steps, "batch": 2, "left_padding": [0, pad]}
+    return {"max_abs_diff": err, "steps": decode_steps, "batch": 2, "left_padding": [0, pad],
+            "num_loops": num_loops or cfg.num_loops}

@@ -101,16 +101,16 @@ def reference_tokens(q, prompt, n):
     return ids, list(generate(load_checkpoint(q), ids, n))
 
 
-@pytest.mark.parametrize("graph", ["plain", "fused in place"])
+@pytest.mark.parametrize("graph", ["plain", "fused in place", "fused Loop in place"])
 def test_onnxruntime_genai_generates_the_same_tokens(demo_int4, graph, tmp_path):
-    """onnxruntime-genai drives the export; the unrolled fused one with past_present_share_buffer (its keys
-    and values written into the past buffers genai allocates)."""
+    """onnxruntime-genai drives the export; the fused ones (unrolled, and one Loop) with
+    past_present_share_buffer (their keys and values written into the past buffers genai allocates)."""
     og = pytest.importorskip("onnxruntime_genai", reason="install onnxruntime-genai (the test extra has it)")
     onnx_dir, q = demo_int4, demo_int4.parent / "ck"
     if graph != "plain":
         onnx_dir = tmp_path / "fused"
-        export_checkpoint(q, onnx_dir, ExportConfig(fused=True, unroll=True, max_loops=load_checkpoint(q).cfg.num_loops,
-                                                    decode_steps=2))
+        export_checkpoint(q, onnx_dir, ExportConfig(fused=True, unroll=graph == "fused in place", decode_steps=2,
+                                                    max_loops=load_checkpoint(q).cfg.num_loops))
         assert json.loads((onnx_dir / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
     ids, ref = reference_tokens(q, "And the LORD spake unto Moses, saying", 20)
     model = og.Model(str(onnx_dir))

@@ -54,6 +54,9 @@ def test_fused_export_passes_parity_with_the_fused_kernels(quantized, name):
     rep = export_checkpoint(root / "q", root / "fused", ExportConfig(fused=True, decode_steps=6))
     m = json.loads((root / "fused" / "manifest.json").read_text())
     assert m["fused"] and rep["parity"]["left_padded_batch"]["batch"] == 2  # parity-checked, padding included
+    # in place (the Loop's slots written by ScatterND), checked against the growing cache at r and fewer loops
+    assert m["kv"]["in_place"] and rep["parity"]["in_place"]["max_abs_diff"] <= 1e-4
+    assert len(rep["parity"]["in_place"]["by_num_loops"]) == 2
     c = ops(root / "fused" / "model.onnx")
     cfg = perturbed(name).cfg
     blocks = cfg.n_begin + cfg.n_middle + cfg.n_end
@@ -100,11 +103,12 @@ def test_fp16_kv_cache_halves_the_cache_and_reports_its_drift(quantized):
     assert abs(k["decode_ppl"] / k["reference_decode_ppl"] - 1) < 1e-3 and "shared_vs_per_step_pct" in k
 
 
-def test_unrolled_fused_export_writes_the_kv_cache_in_place(quantized, monkeypatch):
-    """Every present of the unrolled fused graph is GroupQueryAttention's over its own past: kv.in_place, the
-    export checks the in-place cache against the growing one, genai_config.json shares the buffers, and the
-    runtime's in-place generation (a left-padded batch) gives the tokens of the growing cache. The Loop's
-    middle slots are built after the Loop, so a fused Loop export is not in place."""
+def test_fused_exports_write_the_kv_cache_in_place(quantized, monkeypatch):
+    """Every present of the unrolled fused graph is GroupQueryAttention's over its own past, and the Loop's
+    middle slots are ScatterND into theirs: kv.in_place, the export checks the in-place cache against the
+    growing one, genai_config.json shares the buffers, and the runtime's in-place generation (a left-padded
+    batch, r loops and fewer) gives the tokens of the growing cache; a fused Loop export still takes growing
+    pasts (optimum, WebGPU)."""
     from edgeloop.runtime import Runtime, RuntimeInputError
 
     root = quantized["test-none"]
@@ -116,8 +120,17 @@ def test_unrolled_fused_export_writes_the_kv_cache_in_place(quantized, monkeypat
     assert json.loads((x / "genai_config.json").read_text())["search"]["past_present_share_buffer"] is True
     export_checkpoint(root / "q", root / "fused-loop", ExportConfig(fused=True, decode_steps=2))
     loop = json.loads((root / "fused-loop" / "manifest.json").read_text())
-    assert not loop["kv"]["in_place"] and "in_place" not in loop["parity"]
-    assert not json.loads((root / "fused-loop" / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
+    assert loop["kv"]["in_place"] and loop["parity"]["in_place"]["max_abs_diff"] <= 1e-4
+    assert json.loads((root / "fused-loop" / "genai_config.json").read_text())["search"]["past_present_share_buffer"]
+    rl = Runtime(root / "fused-loop", threads=1)
+    assert rl.in_place
+    ran = {}
+    for mode in (True, False):
+        rl.in_place = mode
+        for L in (1, rl.num_loops):
+            ran[mode, L] = rl.generate_ids([[5, 17, 42, 7, 99, 3, 8], [11, 12]], 8, stop=(), num_loops=L).tokens
+    assert ran[True, 1] == ran[False, 1] and ran[True, rl.num_loops] == ran[False, rl.num_loops]
+    assert ran[True, 1] != ran[True, rl.num_loops]
     rt = Runtime(x, threads=1)
     prompts = [[5, 17, 42, 7, 99, 3, 8], [11, 12], [250, 1, 2, 3]]
     assert rt.in_place and rt.buffer_past(1)["past_key_values.0.key"].shape()[2] == rt.ctx
