@@ -116,19 +116,21 @@ class Runtime:
     def empty_past(self, batch: int) -> dict[str, np.ndarray]:
         return self.kv.empty_past(batch)
 
-    def buffer_past(self, batch: int) -> dict:
-        """Pasts for an in-place export: one zeroed onnxruntime buffer [batch, kv_heads, max_seq_len, head_dim]
-        per slot, checked against the free memory before it is allocated."""
+    def buffer_past(self, batch: int, tokens: int | None = None) -> dict:
+        """Pasts for an in-place export: one zeroed onnxruntime buffer [batch, kv_heads, tokens, head_dim] per
+        slot (tokens: what the generation can reach, at most the context; default the context), checked
+        against the free memory before it is allocated."""
         import onnxruntime as ort
         import psutil
 
         if not self.in_place:
             raise RuntimeInputError(f"{self.folder}: not an in-place export (kv.in_place), or not on the CPU provider")
-        shape = (batch, self.kv_heads, self.ctx, self.head_dim)
-        need = batch * self.ctx * self.kv.bytes_per_token(self.kv.num_loops)  # every slot, the whole context
+        n = self.ctx if tokens is None else max(1, min(int(tokens), self.ctx))
+        shape = (batch, self.kv_heads, n, self.head_dim)
+        need = batch * n * self.kv.bytes_per_token(self.kv.num_loops)  # every slot
         free = psutil.virtual_memory().available
         if need > free:
-            raise RuntimeInputError(f"the KV buffers of {batch} sequences x {self.ctx} tokens need {need / 2**20:,.0f} "
+            raise RuntimeInputError(f"the KV buffers of {batch} sequences x {n} tokens need {need / 2**20:,.0f} "
                                     f"MiB; {free / 2**20:,.0f} MiB are free (fewer prompts at once)")
         return {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, DTYPES[self.kv.dtype])) for n in self.kv.past_names()}
 
@@ -232,7 +234,7 @@ class Runtime:
         for b, p in enumerate(rows):
             ids[b, longest - len(p):], mask[b, longest - len(p):] = p, 1
         pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
-        past = self.buffer_past(B) if self.in_place else self.empty_past(B)
+        past = self.buffer_past(B, longest + max_new_tokens) if self.in_place else self.empty_past(B)
         new, loops = [[] for _ in range(B)], [[] for _ in range(B)]
         finish = ["length"] * B
         done = np.zeros(B, bool)

@@ -134,6 +134,8 @@ def test_fused_exports_write_the_kv_cache_in_place(quantized, monkeypatch):
     rt = Runtime(x, threads=1)
     prompts = [[5, 17, 42, 7, 99, 3, 8], [11, 12], [250, 1, 2, 3]]
     assert rt.in_place and rt.buffer_past(1)["past_key_values.0.key"].shape()[2] == rt.ctx
+    assert rt.buffer_past(1, 15)["past_key_values.0.key"].shape()[2] == 15  # generate: prompt + new tokens
+    assert rt.buffer_past(1, 10**6)["past_key_values.0.key"].shape()[2] == rt.ctx
     in_place = rt.generate_ids(prompts, 8, stop=())
     rt.in_place = False
     assert in_place.tokens == rt.generate_ids(prompts, 8, stop=()).tokens
