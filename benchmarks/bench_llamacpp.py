@@ -36,10 +36,22 @@ PROMPT, NEW = 128, 128
 
 
 # llama.cpp built for this CPU (-march=native) turns on its AMX kernels where /proc/cpuinfo lists AMX; a VM that
-# does not grant the AMX permission then dies with SIGILL in the quantized matmuls. Build for AVX2 / AVX-512 instead.
-CMAKE_ARGS = ("-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DGGML_AVX512=ON "
-              "-DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON -DGGML_AVX_VNNI=ON "
-              "-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF")
+# does not grant the AMX permission then dies with SIGILL in the quantized matmuls. So each x86 extension is
+# turned on only where /proc/cpuinfo lists it (an AMD EPYC VM has AVX512-VNNI but not AVX-VNNI: a fixed list
+# that turns GGML_AVX_VNNI on dies there in Q4_0), and AMX stays off.
+GGML_FLAGS = {"avx": "AVX", "avx2": "AVX2", "fma": "FMA", "f16c": "F16C", "avx512f": "AVX512",
+              "avx512vbmi": "AVX512_VBMI", "avx512_vnni": "AVX512_VNNI", "avx512_bf16": "AVX512_BF16",
+              "avx_vnni": "AVX_VNNI"}
+
+
+def cmake_args() -> str:
+    """CMAKE_ARGS for llama.cpp: the x86 extensions this CPU lists, AMX off."""
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split("flags", 1)[1].split("\n", 1)[0].split())
+    except (OSError, IndexError):
+        flags = set()
+    on = " ".join(f"-DGGML_{g}={'ON' if f in flags else 'OFF'}" for f, g in GGML_FLAGS.items())
+    return f"-DGGML_NATIVE=OFF {on} -DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF"
 
 
 def ensure_packages() -> None:
@@ -49,8 +61,8 @@ def ensure_packages() -> None:
                if importlib.util.find_spec(m) is None]
     if missing:
         print(f"installing {', '.join(missing)} from PyPI (llama-cpp-python compiles llama.cpp: minutes)", flush=True)
-        env = {**os.environ, "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", CMAKE_ARGS)}
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", *missing], check=True, env=env)
+        env = {**os.environ, "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", cmake_args())}
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-cache-dir", *missing], check=True, env=env)  # a cached wheel would keep another CPU's flags
 
 
 def config(shape: str, small: bool):
