@@ -6,7 +6,8 @@ middle two layers run 4 times; llama.cpp gets it unrolled, 12 layers with the sh
 same weights are written as an edgeloop checkpoint and as a llama GGUF (the gguf package; q/k rows permuted
 for llama.cpp's rotary on interleaved pairs), checked equal in fp32 (logits through llama-cpp-python,
 <= 1e-4), quantized by llama.cpp's own quantizer to Q4_0 and Q4_K_M and by edgeloop to INT4 (RTN, G=32 and
-G=128, MatMulNBits at accuracy level 4; the standard shape unrolled, the looped one as one Loop; the plain
+G=128, MatMulNBits at accuracy level 4; the standard shape unrolled, the looped one as one Loop (and, fused
+G=128, unrolled with the weights still once); the plain
 and the --fused graph; with --genai-python also the builder's choices: G=32 symmetric, the tied table INT4). Then, in interleaved rounds, each engine in a fresh process: a 128-token prompt and
 128 greedy new tokens at 1 and 2 threads: decode tokens/s (median step), prefill ms, file bytes, peak RSS.
 Prints medians and ratios. llama-cpp-python and gguf are installed from PyPI when missing (llama-cpp-python
@@ -352,6 +353,11 @@ def main() -> None:
                                                                        fused=fused, external_data=True), overwrite=True)
                 engines[f"{shape} edgeloop {q}{' fused' if fused else ''}"] = (shape, out, EDGELOOP_CHILD,
                                                                                  sys.executable)
+            if shape == "looped" and q == "G128":  # the same weights, once, with the loops written out (--unroll)
+                out = root / f"x-{i}-fused-unrolled"
+                export_checkpoint(root / f"int4-{i}", out, ExportConfig(accuracy_level=4, unroll=True, fused=True,
+                                                                       external_data=True), overwrite=True)
+                engines[f"{shape} edgeloop {q} fused, unrolled"] = (shape, out, EDGELOOP_CHILD, sys.executable)
     threads = [int(t) for t in a.threads.split(",")]
     runs: dict[tuple[str, int], list[dict]] = {(e, t): [] for e in engines for t in threads}
     for rnd in range(a.rounds):

@@ -140,7 +140,8 @@ def export_cmd(
     format: Optional[str] = typer.Option(None, "--format", help="matmulnbits (default for quantized), qdq, fp32 "
                                          "(default for float), fp16"),
     accuracy_level: int = typer.Option(0, help="MatMulNBits accuracy level: 0 (fp32) or 4 (int8 activations)"),
-    unroll: bool = typer.Option(False, help="unroll the loop (the control); weights still stored once"),
+    unroll: bool = typer.Option(False, help="write the loops out, no Loop (weights still stored once; with "
+                                "max_loops > r each loop past the first behind If(l < num_loops): num_loops stays an input)"),
     max_seq_len: Optional[int] = typer.Option(None, help="context length of the export"),
     opset: int = typer.Option(21),
     external_data: Optional[bool] = typer.Option(None, "--external-data/--no-external-data",

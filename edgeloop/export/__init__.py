@@ -30,7 +30,7 @@ class ExportError(ValueError):
 class ExportConfig:
     format: str | None = None  # None: matmulnbits for quantized checkpoints, fp32 for float ones
     accuracy_level: int = 0  # MatMulNBits: 0 = fp32 compute, 4 = int8 activations (faster, less exact)
-    unroll: bool = False  # the control: the loop unrolled, weights still stored once
+    unroll: bool = False  # the loops written out, weights still stored once (graph.build)
     max_seq_len: int | None = None  # context of the export (rotary table length); default the model's
     opset: int = 21
     external_data: bool | None = None  # None: only when the graph would pass protobuf's 2 GB limit
@@ -84,8 +84,10 @@ def export_config(cfg, ec: ExportConfig):
         raise ValueError(f"--kv-policy per-step: {kv.layers} KV slots (n_begin {cfg.n_begin} + {cfg.loop_limit} loops x "
                          f"n_middle {cfg.n_middle} + n_end {cfg.n_end}) is past {PER_STEP_SLOTS}; use --kv-policy shared "
                          f"(one slot per middle layer) or fewer loops")
-    if ec.unroll and cfg.effective_layers > PER_STEP_SLOTS:
-        raise ValueError(f"--unroll: {cfg.effective_layers} effective layers is past {PER_STEP_SLOTS}; export the Loop")
+    unrolled = cfg.n_begin + cfg.loop_limit * cfg.n_middle + cfg.n_end  # every loop up to max_loops, written out
+    if ec.unroll and unrolled > PER_STEP_SLOTS:
+        raise ValueError(f"--unroll: {unrolled} unrolled layers (max_loops {cfg.loop_limit}) is past {PER_STEP_SLOTS}; "
+                         f"export the Loop, or unroll fewer with --max-loops")
     return cfg
 
 

@@ -60,7 +60,8 @@ def positions(g: GraphBuilder, model: Hyperloop, input_ids, attention_mask, posi
 
 def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False, kv_policy: str | None = None,
           init_state: str = "zeros", seed: int = 0) -> ir.Model:  # noqa: C901
-    """The ONNX model of `cfg` with weights from `w` (Loop, or unrolled with the weights still stored once).
+    """The ONNX model of `cfg` with weights from `w` (Loop, or unrolled with the weights still stored once: with
+    max_loops > r, loops 2..max_loops each behind If(l < num_loops), so the loop count stays an input).
     kv_policy: per-step or shared slots (default: the config's); init_state "random": the injection's random
     start behind a float input `init_scale` (default 1.0; 0 gives the zero state) and a seeded generator."""
     model = meta_model(cfg)
@@ -68,8 +69,6 @@ def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False, kv_policy: str
     kv = cfg.kv_layout(kv_policy)
     if unroll and model.exit_gate is not None:
         raise ValueError("--unroll: an exit-gated model needs the Loop (its condition is the exit)")
-    if unroll and kv.num_loops != cfg.num_loops:
-        raise ValueError(f"--unroll runs num_loops = {cfg.num_loops} only: max_loops {kv.num_loops} needs the Loop")
     g = GraphBuilder()
     kv_past = ["batch_size", kv.kv_heads, "past_sequence_length", kv.head_dim]
     kv_present = ["batch_size", kv.kv_heads, "total_sequence_length", kv.head_dim]
@@ -94,10 +93,16 @@ def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False, kv_policy: str
     e = x
     state = model.hc.emit_init(g, e, ctx)
     num_loops = None
-    if unroll:
-        for l in range(cfg.num_loops):
+    if unroll:  # loops past the first behind If(l < num_loops) where max_loops > r: the dial stays
+        if cfg.loop_limit > cfg.num_loops:
+            num_loops = _scalar_input(g, "num_loops", cfg.num_loops, INT64, np.int64)
+        for l in range(cfg.loop_limit):
             pasts = [past[kv.slot(l, j)] for j in range(cfg.n_middle)]
-            state, pres = model.emit_step(g, w, state, e, g.const(l), ctx, pasts)
+            if l == 0 or num_loops is None:
+                state, pres = model.emit_step(g, w, state, e, g.const(l), ctx, pasts)
+            else:
+                prev = [presents.get(kv.slot(l, j), past[kv.slot(l, j)]) for j in range(cfg.n_middle)]
+                state, pres = gated_step(g, w, model, kv, l, num_loops, state, e, ctx, pasts, prev)
             presents.update({kv.slot(l, j): p for j, p in enumerate(pres)})
     else:
         num_loops = _scalar_input(g, "num_loops", cfg.num_loops, INT64, np.int64)  # default: the trained r
@@ -131,6 +136,22 @@ def _scalar_input(g: GraphBuilder, name: str, default, dtype: ir.DataType, np_dt
                  const_value=ir.tensor(np.array(default, np_dtype), name=name))
     g.root.initializers[name] = v
     return v
+
+
+def gated_step(g: GraphBuilder, w: Weights, model: Hyperloop, kv: Layout, l: int, num_loops, state, e, ctx, pasts,
+               prev) -> tuple:
+    """Loop l of an unrolled graph whose loop count is an input: If(l < num_loops) runs it (its presents
+    GroupQueryAttention's or [past; new] over pasts) else passes the state and `prev` (each slot's present so
+    far: its past, or under the shared policy the last loop's) through. Returns (state, presents)."""
+    run, skip = g.sub(f"loop{l}/"), g.sub(f"skip{l}/")
+    s_run, pres = model.emit_step(run, w, state, e, run.const(l), ctx, pasts)
+    dims = ["batch_size", kv.kv_heads, "total_sequence_length", kv.head_dim]
+    shape = model.hc.state_dims()
+    run_outs = [typed(s_run, FLOAT, shape)] + [typed(t, FLOAT, dims) for p in pres for t in p]
+    skip_outs = [typed(skip.Identity(state), FLOAT, shape)] + [typed(skip.Identity(t), FLOAT, dims) for p in prev for t in p]
+    outs = g.If(g.Less(g.const(l), num_loops), then_branch=run.graph([], run_outs, f"loop{l}"),
+                else_branch=skip.graph([], skip_outs, f"skip{l}"), _outputs=len(run_outs))
+    return outs[0], [(outs[1 + 2 * j], outs[2 + 2 * j]) for j in range(len(pres))]
 
 
 def by_loop(g: GraphBuilder, it, r: int, branch, rank: int = 4):

@@ -154,3 +154,24 @@ def test_tied_embedding_codes_stored_once_for_lookup_and_head(tmp_path, bits, sy
     init = {i.name: i for i in m.graph.initializer}
     assert "embed.weight" not in init and list(init["embed.qweight"].dims) == [320, 2, 32 * bits // 8]
     assert not [n for n in m.graph.node if n.op_type == "Gemm"]  # no float head left
+
+
+def test_unrolled_export_keeps_the_loop_count_dial(demo_int4, tmp_path):
+    """--unroll with max_loops > r (the demo: r = 4, max 6): no Loop, loops 2.. each behind If(l < num_loops),
+    num_loops an input up to 6, parity-checked at several counts, in place when fused; the same tokens as
+    the Loop export at r and at fewer loops."""
+    from edgeloop.runtime import Runtime
+
+    q = demo_int4.parent / "ck"
+    x = tmp_path / "unrolled"
+    rep = export_checkpoint(q, x, ExportConfig(fused=True, unroll=True, decode_steps=2))
+    m = json.loads((x / "manifest.json").read_text())
+    assert m["unroll"] and not m["graph"]["loop"] and m["max_loops"] == 6 and m["num_loops"] == 4
+    assert len(rep["parity"]["by_num_loops"]) >= 2 and m["kv"]["in_place"]
+    assert m["graph"]["ops"]["If"] == 5  # loops 2..6
+    un, loop = Runtime(x, threads=1), Runtime(demo_int4, threads=1)
+    assert un.has_num_loops and un.max_loops == 6
+    ids = load_tokenizer(q).encode("And God said", add_special_tokens=False).ids
+    for L in (2, 4):
+        assert un.generate_ids([ids], 8, stop=(), num_loops=L).tokens == loop.generate_ids([ids], 8, stop=(), num_loops=L).tokens
+    assert len(un.generate_ids([ids], 4, stop=(), num_loops=6).tokens[0]) == 4
