@@ -115,13 +115,15 @@ def test_eval_reports_drift_and_placement_on_webgpu(webgpu, demo_int4, demo_dir,
     assert r["placement"]["WebGpuExecutionProvider"]["ops"]["MatMulNBits"] > 0
 
 
-def test_the_fused_graph_runs_on_webgpu(webgpu, tmp_path):
+@pytest.mark.parametrize("unroll", [False, True], ids=["Loop", "unrolled"])
+def test_the_fused_graph_runs_on_webgpu(webgpu, tmp_path, unroll):
     """export --fused: GroupQueryAttention and the RMSNorm kernels run on the WebGPU provider too, at the
-    trained loop count, fewer and more."""
+    trained loop count, fewer and more; as one Loop and unrolled (loops past the first behind If nodes)."""
     from edgeloop.export import ExportConfig, export_checkpoint
 
     _, cpu = webgpu
-    export_checkpoint(cpu.folder.parent / "ck", tmp_path / "fused", ExportConfig(fused=True, decode_steps=2))
+    export_checkpoint(cpu.folder.parent / "ck", tmp_path / "fused", ExportConfig(fused=True, unroll=unroll,
+                                                                                   decode_steps=2))
     gpu_f, cpu_f = Runtime(tmp_path / "fused", ep="webgpu", threads=1), Runtime(tmp_path / "fused", threads=1)
     on_gpu = gpu_f.placement().get("WebGpuExecutionProvider", {}).get("ops", {})
     assert on_gpu.get("GroupQueryAttention", 0) > 0 and on_gpu.get("SimplifiedLayerNormalization", 0) > 0, on_gpu
