@@ -63,7 +63,8 @@ def ensure_packages() -> None:
     if missing:
         print(f"installing {', '.join(missing)} from PyPI (llama-cpp-python compiles llama.cpp: minutes)", flush=True)
         env = {**os.environ, "CMAKE_ARGS": os.environ.get("CMAKE_ARGS", cmake_args())}
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-cache-dir", *missing], check=True, env=env)  # a cached wheel would keep another CPU's flags
+        # --no-cache-dir: a wheel pip cached on another machine would keep that CPU's flags
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-cache-dir", *missing], check=True, env=env)
 
 
 def config(shape: str, small: bool):

@@ -13,8 +13,9 @@ for each slot i: begin layers, then the middle layers, then end layers. Two poli
               number of loops (Huginn's compress-s4 cache).
 The first step feeds empty pasts ([B, kv_heads, 0, head_dim]); each step's presents are the next step's
 pasts. In place (manifest "kv": "in_place", the fused graph: every present is its own past written by
-GroupQueryAttention or ScatterND, export/folder.py: in_place): the pasts may instead be buffers of the whole context [B, kv_heads, max_seq_len, head_dim],
-each present bound to its past's buffer; attention_mask [B, T] still gives the length, and a step writes its
+GroupQueryAttention or ScatterND, export/folder.py: in_place): the pasts may instead be buffers
+[B, kv_heads, N, head_dim] with N at least the longest length a step reaches (at most max_seq_len), each
+present bound to its past's buffer; attention_mask [B, T] still gives the length, and a step writes its
 keys/values at T-S..T-1 of the buffer (onnxruntime-genai's past_present_share_buffer).
 manifest.json records the names and the layout ("kv"), and edgeloop/runtime/web/edgeloop.mjs reads them from
 there.

@@ -81,9 +81,9 @@ def in_place(model: ir.Model) -> bool:
         return node.op_type == "Concat" and through(node.inputs[0]) is past
 
     inputs = {v.name: v for v in model.graph.inputs}
-    presents = [v for v in model.graph.outputs if v.name.startswith(PRESENT)]
-    return bool(presents) and all(writes(out, inputs.get(PAST + out.name[len(PRESENT):])) and
-                                  inputs.get(PAST + out.name[len(PRESENT):]) is not None for out in presents)
+    pairs = [(out, inputs.get(PAST + out.name[len(PRESENT):])) for out in model.graph.outputs
+             if out.name.startswith(PRESENT)]
+    return bool(pairs) and all(past is not None and writes(out, past) for out, past in pairs)
 
 
 def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, progress=None, source=None) -> dict:

@@ -71,7 +71,7 @@ def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False, kv_policy: str
         raise ValueError("--unroll: an exit-gated model needs the Loop (its condition is the exit)")
     g = GraphBuilder()
     kv_past = ["batch_size", kv.kv_heads, "past_sequence_length", kv.head_dim]
-    kv_present = ["batch_size", kv.kv_heads, "total_sequence_length", kv.head_dim]
+    kv_present = present_dims(kv)
     input_ids = graph_input("input_ids", INT64, ["batch_size", "sequence_length"])
     attention_mask = graph_input("attention_mask", INT64, ["batch_size", "total_sequence_length"])
     position_ids = graph_input("position_ids", INT64, ["batch_size", "sequence_length"])
@@ -129,6 +129,11 @@ def build(cfg: HyperloopConfig, w: Weights, unroll: bool = False, kv_policy: str
     return ir.Model(g.graph(inputs, outputs, "hyperloop"), ir_version=10, producer_name="edgeloop")
 
 
+def present_dims(kv: Layout) -> list:
+    """A present's dims: [batch_size, kv_heads, total_sequence_length, head_dim]."""
+    return ["batch_size", kv.kv_heads, "total_sequence_length", kv.head_dim]
+
+
 def _scalar_input(g: GraphBuilder, name: str, default, dtype: ir.DataType, np_dtype) -> ir.Value:
     """A scalar graph input with a default (an overridable initializer: onnxruntime-genai and optimum,
     which do not know it, run the default)."""
@@ -145,8 +150,7 @@ def gated_step(g: GraphBuilder, w: Weights, model: Hyperloop, kv: Layout, l: int
     far: its past, or under the shared policy the last loop's) through. Returns (state, presents)."""
     run, skip = g.sub(f"loop{l}/"), g.sub(f"skip{l}/")
     s_run, pres = model.emit_step(run, w, state, e, run.const(l), ctx, pasts)
-    dims = ["batch_size", kv.kv_heads, "total_sequence_length", kv.head_dim]
-    shape = model.hc.state_dims()
+    dims, shape = present_dims(kv), model.hc.state_dims()
     run_outs = [typed(s_run, FLOAT, shape)] + [typed(t, FLOAT, dims) for p in pres for t in p]
     skip_outs = [typed(skip.Identity(state), FLOAT, shape)] + [typed(skip.Identity(t), FLOAT, dims) for p in prev for t in p]
     outs = g.If(g.Less(g.const(l), num_loops), then_branch=run.graph([], run_outs, f"loop{l}"),
@@ -262,13 +266,11 @@ def written_or_grown(g: GraphBuilder, kv: Layout, ctx, a_past, presents_of) -> d
                     along(wb.Squeeze(wb.Sub(T, S)), wb.Squeeze(T), 2), axis=3)  # [B, KV, S, 3]: (b, h, t)
     written = presents_of(wb, lambda b, past, new: b.ScatterND(past, idx, new))
     grown = presents_of(gb, concat)
-    slots = sorted(written)
-    dims = ["batch_size", kv.kv_heads, "total_sequence_length", kv.head_dim]
+    slots, dims = sorted(written), present_dims(kv)
     outs = g.If(buffered, then_branch=wb.graph([], [typed(written[s][c], FLOAT, dims) for s in slots for c in range(2)],
                                                "kv_written"),
                 else_branch=gb.graph([], [typed(grown[s][c], FLOAT, dims) for s in slots for c in range(2)], "kv_grown"),
-                _outputs=2 * len(slots))
-    outs = [outs] if 2 * len(slots) == 1 else outs
+                _outputs=2 * len(slots))  # (two or more: a key and a value per slot)
     return {s: (outs[2 * i], outs[2 * i + 1]) for i, s in enumerate(slots)}
 
 
@@ -284,7 +286,7 @@ def route_presents(g: GraphBuilder, kv: Layout, num_loops, scans, past, latest: 
     if latest:  # the iterations the Loop ran (the exit gate can stop it before num_loops)
         ran = g.Squeeze(g.Shape(scans[0], start=0, end=1), g.const([0]))
         last_at = g.Sub(g.Shape(scans[0], start=0, end=1), g.const([1]))  # [ran - 1]
-    kv_shape = ["batch_size", kv.kv_heads, "total_sequence_length", kv.head_dim]
+    kv_shape = present_dims(kv)
     all_b, some_b = g.sub("all_loops/"), g.sub("some_loops/")
     rows = {}
     row_shape = all_b.Concat(all_b.const([-1]), all_b.Shape(scans[0], start=2), axis=0)  # [-1, KV, S, hd]

@@ -132,7 +132,8 @@ class Runtime:
         if need > free:
             raise RuntimeInputError(f"the KV buffers of {batch} sequences x {n} tokens need {need / 2**20:,.0f} "
                                     f"MiB; {free / 2**20:,.0f} MiB are free (fewer prompts at once)")
-        return {n: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, DTYPES[self.kv.dtype])) for n in self.kv.past_names()}
+        return {name: ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, DTYPES[self.kv.dtype]))
+                for name in self.kv.past_names()}
 
     def forward(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, past: dict,
                 num_loops: int, exit_threshold: float | None = None,
