@@ -29,8 +29,9 @@ from edgeloop.model.pieces.rotary import rope_tables
 def positions(g: GraphBuilder, model: Hyperloop, input_ids, attention_mask, position_ids, fused: bool = False) -> dict:
     """ctx for the pieces: rotary cos/sin [B, 1, S, hd/2] at position_ids, and the additive attention bias
     [B, rep, S, T] (causal, padded keys masked, the diagonal kept: Hyperloop._mask) for grouped queries. The
-    fused graph: position_ids and the tables [max_seq_len, hd/2] for com.microsoft.RotaryEmbedding (sin signed by
-    the flavour's SIN_SIGN), and GroupQueryAttention's seqlens_k, total_len and bias [B, 1, S, T]."""
+    fused graph: position_ids and the tables [max_seq_len, hd/2] for com.microsoft.RotaryEmbedding or
+    GroupQueryAttention's own rotary (sin signed by the flavour's SIN_SIGN), GroupQueryAttention's seqlens_k,
+    total_len and bias [B, 1, S, T], and new_rows ([T - S], [T]): the step's rows of its presents."""
     cfg = model.cfg
     cos_t, sin_t = rope_tables(cfg, cfg.max_seq_len)
     if fused:
@@ -42,7 +43,8 @@ def positions(g: GraphBuilder, model: Hyperloop, input_ids, attention_mask, posi
                for k, t in (("cos", cos_t), ("sin", sin_t))}
     S = g.Shape(input_ids, start=1, end=2)
     T = g.Shape(attention_mask, start=1, end=2)
-    q_idx = g.Unsqueeze(g.Range(g.Squeeze(g.Sub(T, S)), g.Squeeze(T), g.const(1)), g.const([1]))
+    past_len = g.Sub(T, S)
+    q_idx = g.Unsqueeze(g.Range(g.Squeeze(past_len), g.Squeeze(T), g.const(1)), g.const([1]))
     k_idx = g.Unsqueeze(g.Range(g.const(0), g.Squeeze(T), g.const(1)), g.const([0]))
     valid = g.Unsqueeze(g.Cast(attention_mask, to=BOOL), g.const([1, 2]))
     allowed = g.Or(g.And(g.LessOrEqual(k_idx, q_idx), valid), g.Equal(k_idx, q_idx))
@@ -52,6 +54,7 @@ def positions(g: GraphBuilder, model: Hyperloop, input_ids, attention_mask, posi
 
         ctx["bias_gqa"], ctx["total_len"] = bias, g.Cast(g.Squeeze(T), to=INT32)
         ctx["seqlens_k"] = g.Cast(g.Expand(g.Sub(T, g.const([1])), g.Shape(input_ids, start=0, end=1)), to=INT32)
+        ctx["new_rows"] = (past_len, T)  # where a step's keys/values sit in GroupQueryAttention's presents
         return ctx
     rep = cfg.n_heads // cfg.n_kv_heads  # grouped queries are [B, KV, rep*S, hd]: the bias repeats per group
     ctx["bias"] = g.Concat(*[bias] * rep, axis=2) if rep > 1 else bias
@@ -158,23 +161,30 @@ def gated_step(g: GraphBuilder, w: Weights, model: Hyperloop, kv: Layout, l: int
     return outs[0], [(outs[1 + 2 * j], outs[2 + 2 * j]) for j in range(len(pres))]
 
 
-def by_loop(g: GraphBuilder, it, r: int, branch, rank: int = 4):
+def by_loop(g: GraphBuilder, it, r: int, branch, rank: int | list[int] = 4):
     """branch(b, l) for l = it (0 <= it < r), chosen by a binary tree of If nodes: each branch reads the
     outer-scope tensors of its own loop in place (SequenceAt or Gather would copy them every iteration).
-    The branches' output: a float tensor of the given rank."""
-    def pick(b: GraphBuilder, lo: int, hi: int):
+    The branches' output: a float tensor of the given rank, or a tuple of them (rank a list)."""
+    ranks = rank if isinstance(rank, list) else [rank]
+
+    def pick(b: GraphBuilder, lo: int, hi: int) -> list:
         if hi - lo == 1:
-            return branch(b, lo)
+            out = branch(b, lo)
+            return list(out) if isinstance(rank, list) else [out]
         mid = (lo + hi) // 2
         lo_b, hi_b = b.sub(f"loops{lo}_{mid}/"), b.sub(f"loops{mid}_{hi}/")
-        lo_out, hi_out = (typed(pick(sb, *span), FLOAT, [None] * rank) for sb, span in ((lo_b, (lo, mid)), (hi_b, (mid, hi))))
-        return b.If(below(mid), then_branch=lo_b.graph([], [lo_out], f"loops{lo}_{mid}"),
-                    else_branch=hi_b.graph([], [hi_out], f"loops{mid}_{hi}"))
+        lo_out, hi_out = ([typed(t, FLOAT, [None] * n) for t, n in zip(pick(sb, *span), ranks)]
+                          for sb, span in ((lo_b, (lo, mid)), (hi_b, (mid, hi))))
+        outs = b.If(below(mid), then_branch=lo_b.graph([], lo_out, f"loops{lo}_{mid}"),
+                    else_branch=hi_b.graph([], hi_out, f"loops{mid}_{hi}"), _outputs=len(ranks))
+        return list(outs) if len(ranks) > 1 else [outs]
+
     def below(mid: int):  # it < mid, made once per body and shared by every layer's tree
         if ("below", mid) not in g.memo:
             g.memo["below", mid] = g.Less(it, g.const(mid))
         return g.memo["below", mid]
-    return pick(g, 0, r)
+    outs = pick(g, 0, r)
+    return tuple(outs) if isinstance(rank, list) else outs[0]
 
 
 def loop(g: GraphBuilder, w: Weights, model: Hyperloop, kv: Layout, num_loops, state, e, ctx, past):

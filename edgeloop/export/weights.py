@@ -147,10 +147,11 @@ class Weights:
             y = g.MatMul(x, self.float_constant(g, f"{module}.weight_t", w.float().t().contiguous().numpy(), half))
         return self._bias(g, y, module)
 
-    def linears(self, g: GraphBuilder, x: ir.Value, mods: list) -> list[ir.Value]:
+    def linears(self, g: GraphBuilder, x: ir.Value, mods: list, packed: bool = False) -> list[ir.Value]:
         """y_i = x W_i^T (+ b_i) for linears that read the same x. In the fused graph (MatMulNBits, one width and
         group size): ONE MatMulNBits over their rows stacked [N_1 + N_2 + ..., K] (rows are independent: the same
-        codes, one kernel), then a Split."""
+        codes, one kernel), then a Split; `packed`: no Split, [y_1 | y_2 | ...] as one tensor (biases, zeros
+        where a linear has none, added as one vector). Where they cannot share a kernel: one y per linear."""
         names = [m if isinstance(m, str) else self.name(m) for m in mods]
         if not (self.fused and len(names) > 1 and all(self.is_quantized(n) for n in names)):
             return [self.linear(g, x, m) for m in mods]
@@ -171,6 +172,12 @@ class Weights:
                 f"{key}.qzeros", np.concatenate([p[2] for p in parts]).reshape(-1))))
         y = g.MatMulNBits(*ins, _domain=MS_DOMAIN, K=nb * G, N=sum(widths), bits=bits, block_size=G,
                           accuracy_level=self.accuracy_level)
+        if packed:
+            if not any(f"{n}.bias" in self.keys for n in names):
+                return [y]
+            bias = np.concatenate([self.kept(f"{n}.bias").float().numpy() if f"{n}.bias" in self.keys
+                                   else np.zeros(wd, np.float32) for n, wd in zip(names, widths)])
+            return [g.Add(y, self._once(g, f"{key}.bias", lambda: g.initializer(f"{key}.bias", bias)))]
         ys = g.Split(y, g.const(widths), axis=-1, _outputs=len(widths))
         return [self._bias(g, yi, n) for yi, n in zip(ys, names)]
 

@@ -125,6 +125,42 @@ def test_onnxruntime_genai_generates_the_same_tokens(demo_int4, graph, tmp_path)
     assert list(og.Tokenizer(model).encode("And the LORD")) == load_tokenizer(q).encode("And the LORD").ids
 
 
+@pytest.mark.parametrize("unroll", [False, True], ids=["Loop", "unrolled"])
+def test_onnxruntime_genai_drives_rotary_inside_group_query_attention(tmp_path, unroll):
+    """A model without QK-norm and with exact rotary tables: the fused graph lets GroupQueryAttention rotate
+    (no RotaryEmbedding node, positions counted from each buffer's start); genai, which writes the cache into
+    its own buffers, gives the PyTorch reference's greedy tokens (dynamic hyper-connections, r = 3)."""
+    import dataclasses
+
+    from edgeloop.model.config import PRESETS
+    from edgeloop.model.model import Hyperloop
+
+    og = pytest.importorskip("onnxruntime_genai", reason="install onnxruntime-genai (the test extra has it)")
+    from tests.export.test_fused import ops
+
+    torch.manual_seed(0)
+    m = Hyperloop(dataclasses.replace(PRESETS["test-dynamic"], qk_norm=False))
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.3)
+    tok = train_tokenizer("In the beginning God created the heaven and the earth.\n" * 50, 300)
+    save_checkpoint(m.eval(), tmp_path / "ck", tokenizer=tok)
+    quantize_checkpoint(tmp_path / "ck", tmp_path / "q", RTNConfig(**QC), progress=False)
+    out = tmp_path / "fused"
+    export_checkpoint(tmp_path / "q", out, ExportConfig(fused=True, unroll=unroll, decode_steps=2, max_loops=3))
+    c = ops(out / "model.onnx")
+    assert "RotaryEmbedding" not in c and c["GroupQueryAttention"] > 0
+    ids, ref = reference_tokens(tmp_path / "q", "In the beginning God", 20)
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(max_length=len(ids) + 20, do_sample=False)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.array(ids, np.int32))
+    while not gen.is_done():
+        gen.generate_next_token()
+    assert [int(t) for t in gen.get_sequence(0)][len(ids):] == ref and len(set(ref)) > 3
+
+
 def test_optimum_generates_the_same_tokens(demo_int4):
     pytest.importorskip("optimum.onnxruntime", reason="install optimum-onnx (the test extra has it)")
     from optimum.onnxruntime import ORTModelForCausalLM

@@ -133,3 +133,30 @@ def test_the_fused_graph_runs_on_webgpu(webgpu, tmp_path, unroll):
     for loops in (gpu_f.num_loops, max(1, gpu_f.num_loops // 2), gpu_f.max_loops):
         assert np.abs(gpu_f.forward(*feeds, loops)[0] - cpu_f.forward(*feeds, loops)[0]).max() <= LOGIT_ATOL
     assert gpu_f.generate_ids([[5, 6, 7]], 6, stop=()).tokens == cpu_f.generate_ids([[5, 6, 7]], 6, stop=()).tokens
+
+
+@pytest.mark.parametrize("name", ["test-standard", "test-ouro"])
+def test_rotary_inside_group_query_attention_on_webgpu(webgpu, tmp_path, name):
+    """GroupQueryAttention's own rotary (no QK-norm, exact tables: the fused graph drops RotaryEmbedding) on
+    WebGPU: a left-padded batch's logits and the generated tokens equal the CPU provider's (Loop; ouro: the
+    exit-gated stack)."""
+    from edgeloop.export import ExportConfig, export_checkpoint
+    from edgeloop.model.checkpoint import save_checkpoint
+    from edgeloop.model.data import train_tokenizer
+    from edgeloop.quantize import RTNConfig, quantize_checkpoint
+    from tests.conftest import perturbed
+
+    tok = train_tokenizer("In the beginning God created the heaven and the earth.\n" * 50, 300)
+    save_checkpoint(perturbed(name), tmp_path / "ck", tokenizer=tok)
+    quantize_checkpoint(tmp_path / "ck", tmp_path / "q", RTNConfig(group_size=32), progress=False)
+    export_checkpoint(tmp_path / "q", tmp_path / "fused", ExportConfig(fused=True, decode_steps=2))
+    gpu, cpu = Runtime(tmp_path / "fused", ep="webgpu", threads=1), Runtime(tmp_path / "fused", threads=1)
+    assert gpu.placement().get("WebGpuExecutionProvider", {}).get("ops", {}).get("GroupQueryAttention", 0) > 0
+    x = np.array([list(range(5, 21)), [0] * 6 + list(range(5, 15))], np.int64)
+    mask = (np.arange(16)[None] >= np.array([[0], [6]])).astype(np.int64)
+    pos = np.maximum(np.cumsum(mask, 1) - 1, 0)
+    got = gpu.forward(x, mask, pos, gpu.empty_past(2), gpu.num_loops)[0]
+    want = cpu.forward(x, mask, pos, cpu.empty_past(2), cpu.num_loops)[0]
+    assert np.abs(got[0] - want[0]).max() <= LOGIT_ATOL and np.abs(got[1, 6:] - want[1, 6:]).max() <= LOGIT_ATOL
+    prompts = [[5, 6, 7], [9, 8]]
+    assert gpu.generate_ids(prompts, 6, stop=()).tokens == cpu.generate_ids(prompts, 6, stop=()).tokens

@@ -24,6 +24,11 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.qk_norm, self.eps = cfg.qk_norm, cfg.norm_eps
+        # GroupQueryAttention can rotate q/k itself (do_rotary), numbering each row's positions from the start of
+        # its buffer, padding included: a left-padded row is then shifted by its pad count, which leaves every
+        # q.k unchanged only where the tables are exact rotations (not bf16-rounded) and nothing (QK-norm) sits
+        # between rotary and attention
+        self.rotary_in_gqa = not cfg.qk_norm and not cfg.rope_bf16
         hd, d = cfg.head_dim, cfg.d_model
         self.c_q = nn.Linear(d, cfg.n_heads * hd, bias=cfg.qk_bias)
         self.c_k = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.qk_bias)
@@ -57,34 +62,49 @@ class Attention(nn.Module):
         return self.c_proj(y.transpose(1, 2).reshape(B, T, -1)), present
 
     def emit_fused(self, g, w, x, ctx, past):
-        """The same with onnxruntime's kernels: q/k/v as one MatMulNBits, rotary as com.microsoft.RotaryEmbedding
-        at the given positions (GroupQueryAttention's own rotary numbers a first prompt 0..S-1, ignoring left
-        padding), and com.microsoft.GroupQueryAttention over [past; new] with the additive bias ctx["bias_gqa"]
-        [B, 1, S, T] (causal + padding: left-padded batches work; seqlens_k = T - 1 for every row). QK-norm (no
-        weight) commutes with the rotation, which keeps each head's length: it runs first. Same `past` contract."""
-        H, KV, hd = self.n_heads, self.n_kv_heads, self.head_dim
-        q, k, v = w.linears(g, x, [self.c_q, self.c_k, self.c_v])
-
-        def rotate(t, n):  # [B, S, n*hd] -> [B, S, n*hd] (normed and) rotated
-            if self.qk_norm:
-                t4 = emit_rms_norm(g, g.Reshape(t, g.const([0, 0, n, hd])), self.eps, fused=True, dim=hd)
-                t = g.Reshape(t4, g.const([0, 0, n * hd]))
-            return self.rotary.emit_fused(g, t, n, ctx)
-
-        q, k = rotate(q, H), rotate(k, KV)
+        """The same with onnxruntime's kernels: q/k/v as one MatMulNBits and com.microsoft.GroupQueryAttention
+        over [past; new] with the additive bias ctx["bias_gqa"] [B, 1, S, T] (causal + padding: left-padded
+        batches work; seqlens_k = T - 1 for every row). Rotary: GroupQueryAttention's own over the packed q/k/v
+        (rotary_in_gqa: positions T-S..T-1 of each row, a shift of position_ids that q.k does not see), else
+        com.microsoft.RotaryEmbedding at position_ids (QK-norm, which keeps each head's length and so commutes
+        with the rotation, runs first). Same `past` contract as emit; in the Loop body the rotated new
+        keys/values are rows T-S..T-1 of GroupQueryAttention's presents."""
+        H, KV = self.n_heads, self.n_kv_heads
+        mods = [self.c_q, self.c_k, self.c_v]
+        qkv = w.linears(g, x, mods, packed=True) if self.rotary_in_gqa else w.linears(g, x, mods)
+        if len(qkv) == 1:  # packed [B, S, (H + 2 KV) hd], rotated inside
+            ins = [qkv[0], None, None]
+            rot = dict(do_rotary=1, rotary_interleaved=self.rotary.INTERLEAVED)
+            tables = [ctx["rope_cos"], ctx["rope_sin"]]
+        else:
+            q, k, v = qkv
+            ins, rot, tables = [self._rotate(g, q, H, ctx), self._rotate(g, k, KV, ctx), v], {}, [None, None]
 
         def gqa(b, pk, pv):
-            return b.GroupQueryAttention(q, k, v, pk, pv, ctx["seqlens_k"], ctx["total_len"], None, None, None,
+            return b.GroupQueryAttention(*ins, pk, pv, ctx["seqlens_k"], ctx["total_len"], *tables, None,
                                          ctx["bias_gqa"], _domain="com.microsoft", _outputs=3, num_heads=H,
-                                         kv_num_heads=KV)
+                                         kv_num_heads=KV, **rot)
 
         if callable(past):  # in the Loop body: the new keys/values leave as [B, KV, S, hd] (the Loop concatenates)
-            y = past(g, lambda b, pk, pv: gqa(b, pk, pv)[0], rank=3)  # [B, S, H*hd]
-            new_k = g.Transpose(g.Reshape(k, g.const([0, 0, KV, hd])), perm=[0, 2, 1, 3])
-            new_v = g.Transpose(g.Reshape(v, g.const([0, 0, KV, hd])), perm=[0, 2, 1, 3])
+            y, new_k, new_v = past(g, lambda b, pk, pv: self._new_rows(b, gqa(b, pk, pv), ctx), rank=[3, 4, 4])
             return w.linear(g, y, self.c_proj), new_k, new_v
         y, pk, pv = gqa(g, *past)
         return w.linear(g, y, self.c_proj), pk, pv
+
+    def _rotate(self, g, t, n: int, ctx):
+        """[B, S, n*hd] -> [B, S, n*hd] (normed and) rotated by com.microsoft.RotaryEmbedding."""
+        if self.qk_norm:
+            t4 = emit_rms_norm(g, g.Reshape(t, g.const([0, 0, n, self.head_dim])), self.eps, fused=True,
+                               dim=self.head_dim)
+            t = g.Reshape(t4, g.const([0, 0, n * self.head_dim]))
+        return self.rotary.emit_fused(g, t, n, ctx)
+
+    @staticmethod
+    def _new_rows(b, outs, ctx):
+        """(y, rows T-S..T-1 of the present key and value): the step's new keys/values, rotated."""
+        y, pk, pv = outs
+        rows = ctx["new_rows"]  # ([T - S], [T])
+        return y, b.Slice(pk, *rows, b.const([2])), b.Slice(pv, *rows, b.const([2]))
 
     def emit(self, g, w, x, ctx, past):
         """The same over [past; x] with queries grouped by KV head (no head-repeated copy of the cache).
