@@ -58,10 +58,11 @@ class GraphBuilder:
 
     # ---- nodes ------------------------------------------------------------------------
     def op(self, op_type: str, *inputs: ir.Value | None, _domain: str = "", _outputs: int = 1,
-           _name: str | None = None, **attrs) -> ir.Value | Sequence[ir.Value]:
+           _name: str | None = None, _unused: tuple[int, ...] = (), **attrs) -> ir.Value | Sequence[ir.Value]:
+        """One node; outputs at the `_unused` indices are left unnamed (optional outputs the kernel skips)."""
         if _domain:
             self.root.opsets.setdefault(_domain, 1)
-        names = [self.fresh(op_type.lower()) for _ in range(_outputs)]
+        names = ["" if i in _unused else self.fresh(op_type.lower()) for i in range(_outputs)]
         node = ir.Node(_domain, op_type, list(inputs), attributes=_attrs(attrs),
                        outputs=[ir.Value(name=n) for n in names], name=self.fresh(op_type))
         self.nodes.append(node)

@@ -37,10 +37,11 @@ class RMSNorm(nn.Module):
         return emit_rms_norm(g, x, self.eps, w.param(g, self, "weight"), fused=getattr(w, "fused", False))
 
     def emit_skip(self, g, w, x, delta):
-        """(norm(x + delta), x + delta); fused: one SkipSimplifiedLayerNormalization (outputs 0 and 3)."""
+        """(norm(x + delta), x + delta); fused: one SkipSimplifiedLayerNormalization (outputs 0 and 3; the
+        mean and inverse deviation, outputs 1 and 2, are not asked for: the kernel then does not write them)."""
         if not getattr(w, "fused", False):
             s = g.Add(x, delta)
             return self.emit(g, w, s), s
         out = g.SkipSimplifiedLayerNormalization(delta, x, w.param(g, self, "weight"), _domain="com.microsoft",
-                                                 _outputs=4, epsilon=float(self.eps))
+                                                 _outputs=4, _unused=(1, 2), epsilon=float(self.eps))
         return out[0], out[3]
