@@ -162,6 +162,8 @@ def export_cmd(
     seed: int = typer.Option(0, help="--init-state random: the generator's seed"),
     fused: bool = typer.Option(False, "--fused", help="matmulnbits: onnxruntime's fused kernels (GroupQueryAttention, "
                                "SimplifiedLayerNormalization, q/k/v and gate/up as one MatMulNBits each)"),
+    rotary_at_position_ids: bool = typer.Option(False, "--rotary-at-position-ids", help="--fused: RotaryEmbedding "
+                                                "at position_ids, not GroupQueryAttention's own (from seqlens_k)"),
     parity_loops: Optional[str] = typer.Option(None, help="parity check: loop counts, e.g. 1,4,8 (default r and r/2, "
                                                "and 2r where more loops may run; 1,2 past 1B parameters)"),
     parity_steps: Optional[int] = typer.Option(None, help="parity check: decode steps (default 16; 2 past 1B "
@@ -181,6 +183,7 @@ def export_cmd(
                       opset=opset, verify=verify, external_data=external_data, ort=ort, kv_policy=kv_policy,
                       kv_dtype=kv_dtype,
                       max_loops=max_loops, init_state=init_state, seed=seed, decode_steps=parity_steps, fused=fused,
+                      rotary_at_position_ids=rotary_at_position_ids,
                       parity_loops=_ints("--parity-loops", parity_loops), tolerance=tolerance)
     with err.status("exporting") as status, temporary_checkpoint(in_dir, out_dir, overwrite) as src:
         s = export_checkpoint(src, out_dir, ec, overwrite=overwrite, source=in_dir,
@@ -193,6 +196,8 @@ def export_cmd(
     t.add_row("format", s["format"] + (" (unrolled)" if s["unroll"] else ""))
     t.add_row("nodes", f"{g['nodes']} in the main graph, {g['body_nodes']} in the Loop body")
     t.add_row("Loop", "yes: the middle block is one Loop" if g["loop"] else "no (unrolled)")
+    t.add_row("rotary", "inside GroupQueryAttention (positions from seqlens_k)" if s.get("rotary") ==
+              "GroupQueryAttention" else f"{s.get('rotary')} at position_ids")
     t.add_row("initializers", ", ".join(f"{k} {v:,} B" for k, v in g["initializer_bytes"].items()))
     t.add_row("files", ", ".join(f"{k} {v:,} B" for k, v in s["file_bytes"].items()))
     p = s["parity"]

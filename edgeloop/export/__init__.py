@@ -47,6 +47,8 @@ class ExportConfig:
     seed: int = 0  # the random start's generator seed
     fused: bool = False  # matmulnbits: onnxruntime's fused kernels (GroupQueryAttention, SimplifiedLayerNorm,
                          # SkipSimplifiedLayerNorm, q/k/v and gate/up as one MatMulNBits each)
+    rotary_at_position_ids: bool = False  # fused: rotate by RotaryEmbedding at the position_ids input even where
+                                          # GroupQueryAttention's own rotary (positions from seqlens_k) is exact
 
 
 def default_tolerance(fmt: str, accuracy_level: int) -> float:

@@ -39,6 +39,24 @@ def graph_stats(model: ir.Model) -> dict:
             "initializer_total_bytes": sum(by_dtype.values())}
 
 
+def rotary_op(model: ir.Model) -> str:
+    """Where q/k are rotated: "GroupQueryAttention" (do_rotary), "RotaryEmbedding" or "standard ops"."""
+    found = set()
+
+    def walk(graph):
+        for n in graph:
+            if n.op_type == "GroupQueryAttention" and n.attributes.get_int("do_rotary", 0):
+                found.add("GroupQueryAttention")
+            elif n.op_type == "RotaryEmbedding":
+                found.add("RotaryEmbedding")
+            for a in n.attributes.values():
+                if a.type == ir.AttributeType.GRAPH:
+                    walk(a.as_graph())
+
+    walk(model.graph)
+    return next((op for op in ("GroupQueryAttention", "RotaryEmbedding") if op in found), "standard ops")
+
+
 def in_place(model: ir.Model) -> bool:
     """Whether every present is its own past written in place (Identity between them aside): GroupQueryAttention's
     present over that past, or ScatterND into it, or the past itself (a loop that did not run); through If
@@ -95,7 +113,10 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
     step("reading weights and building the graph")
     if ec.fused and ec.format != "matmulnbits":
         raise ValueError(f"--fused: the fused graph is onnxruntime's contrib ops (--format matmulnbits), not {ec.format}")
-    w = Weights(in_dir, ec.format, ec.accuracy_level, fused=ec.fused)
+    if ec.rotary_at_position_ids and not ec.fused:
+        raise ValueError("--rotary-at-position-ids: a choice of the fused graph (--fused); the others always "
+                         "rotate at position_ids")
+    w = Weights(in_dir, ec.format, ec.accuracy_level, fused=ec.fused, gqa_rotary=not ec.rotary_at_position_ids)
     try:
         model = build(cfg, w, unroll=ec.unroll, init_state=ec.init_state, seed=ec.seed)
     finally:
@@ -115,7 +136,8 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
             onnx.checker.check_model(proto, full_check=True)  # which onnx does not know: its check is the session)
         onnx.save(proto, path)
     manifest = {"format": ec.format, "accuracy_level": ec.accuracy_level if ec.format in ("matmulnbits", "qdq") else None,
-                "unroll": ec.unroll, "fused": ec.fused, "opset": ec.opset, "effective_layers": cfg.effective_layers,
+                "unroll": ec.unroll, "fused": ec.fused, "rotary": rotary_op(model), "opset": ec.opset,
+                "effective_layers": cfg.effective_layers,
                 "num_loops": cfg.num_loops, "max_loops": cfg.loop_limit, "kv_policy": cfg.kv_policy,
                 "trained_loops": trained_loops(cfg),
                 "init_state": {"kind": ec.init_state, "seed": ec.seed if ec.init_state == "random" else None},
@@ -194,7 +216,7 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
     write_json(out / "config.json", optimum_config(cfg, manifest["generation"], raw))
     write_json(out / "manifest.json", manifest)
     return {k: manifest.get(k) for k in ("format", "unroll", "graph", "parity", "file_bytes", "effective_layers", "ort",
-                                         "genai", "kv")}
+                                         "genai", "kv", "rotary")}
 
 
 def trained_loops(cfg: HyperloopConfig) -> dict:

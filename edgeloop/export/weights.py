@@ -55,7 +55,8 @@ class Weights:
     """Reads a (float or quantized) checkpoint folder lazily and emits initializers in `fmt`. Pieces ask for
     weights by their own modules (`bind(model)` maps each module of the meta model to its tensor names)."""
 
-    def __init__(self, folder: str | Path, fmt: str, accuracy_level: int = 0, fused: bool = False):
+    def __init__(self, folder: str | Path, fmt: str, accuracy_level: int = 0, fused: bool = False,
+                 gqa_rotary: bool = True):
         if fmt not in FORMATS:
             raise ValueError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
         if accuracy_level not in (0, 1, 2, 3, 4):
@@ -72,6 +73,7 @@ class Weights:
             raise ValueError(f"quantization_config bits={self.q.get('bits')}: only 4-bit exports")
         self.fmt, self.accuracy_level = fmt, accuracy_level
         self.fused = fused and fmt == "matmulnbits"  # the fused graph: contrib ops for norms, attention, linears
+        self.gqa_rotary = gqa_rotary  # fused: GroupQueryAttention may rotate q/k itself (Attention.rotary_in_gqa)
         self._st = open_safetensors(self.folder / "model.safetensors")
         self._f = self._st.__enter__()
         self.keys = set(self._f.keys())

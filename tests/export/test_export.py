@@ -126,6 +126,7 @@ def test_bad_inputs_fail_cleanly(exported, tmp_path):
         ([ck, "-o", tmp_path / "o3", "--format", "matmulnbits"], "needs a quantized checkpoint"),
         ([ck, "-o", tmp_path / "o4", "--opset", "17"], "--opset 17"),
         ([ck, "-o", loop], "already exists"),
+        ([ck, "-o", tmp_path / "o6", "--rotary-at-position-ids"], "a choice of the fused graph (--fused)"),
     ]
     bad = tmp_path / "bad"
     bad.mkdir()

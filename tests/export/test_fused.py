@@ -69,6 +69,20 @@ def test_fused_export_passes_parity_with_the_fused_kernels(quantized, name):
     assert ("RotaryEmbedding" in c) == (cfg.qk_norm or cfg.rope_bf16)
 
 
+def test_rotary_at_position_ids_keeps_rotary_embedding(quantized):
+    """--rotary-at-position-ids: the fused graph rotates by RotaryEmbedding at the position_ids input even where
+    GroupQueryAttention could (its own rotary counts positions from seqlens_k); the manifest says which, and
+    both pass the padded parity check."""
+    root = quantized["test-standard"]
+    default = export_checkpoint(root / "q", root / "gqa-rot", ExportConfig(fused=True, decode_steps=2))
+    asked = export_checkpoint(root / "q", root / "pos-rot", ExportConfig(fused=True, rotary_at_position_ids=True,
+                                                                         decode_steps=2))
+    assert default["rotary"] == "GroupQueryAttention" and "RotaryEmbedding" not in ops(root / "gqa-rot" / "model.onnx")
+    assert asked["rotary"] == "RotaryEmbedding" and ops(root / "pos-rot" / "model.onnx")["RotaryEmbedding"] > 0
+    assert json.loads((root / "pos-rot" / "manifest.json").read_text())["rotary"] == "RotaryEmbedding"
+    assert asked["parity"]["left_padded_batch"]["max_abs_err"] <= 1e-3
+
+
 def test_fused_runtime_left_padded_batch_equals_one_by_one(quantized):
     from edgeloop.runtime import Runtime
 
