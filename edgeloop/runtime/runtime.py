@@ -93,6 +93,9 @@ class Runtime:
         # the fused graph's GroupQueryAttention writes each step's keys/values into its past's buffer (kv.py: in
         # place); CPU buffers, so only where the session runs on the CPU provider
         self.in_place = bool((self.manifest.get("kv") or {}).get("in_place")) and ep == "cpu"
+        # onnxruntime's CPU GroupQueryAttention continues a batch one token at a time: several new tokens after a
+        # past only for one row
+        self.one_row_continuations = bool(self.manifest.get("fused")) and ep == "cpu"
 
     # ---- the knobs ---------------------------------------------------------------------------
     def _loops(self, num_loops: int | None) -> int:
@@ -146,6 +149,11 @@ class Runtime:
         into, and `past` itself is returned (generate does this for an in-place export)."""
         import onnxruntime as ort
 
+        (B, S), T = ids.shape, mask.shape[1]
+        if self.one_row_continuations and B > 1 and 1 < S < T:
+            raise RuntimeInputError(f"{S} new tokens after a past for {B} rows: the fused graph's "
+                                    f"GroupQueryAttention (onnxruntime's CPU kernel) continues a batch one token "
+                                    f"at a time; feed the rows one by one or use an export without --fused")
         feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos, **past}
         if self.has_num_loops:
             feeds["num_loops"] = np.array(num_loops, np.int64)

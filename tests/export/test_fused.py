@@ -96,6 +96,30 @@ def test_fused_runtime_left_padded_batch_equals_one_by_one(quantized):
     assert [rt.generate_ids([p], 6, stop=(), num_loops=1).tokens[0] for p in prompts] != batch.tokens  # loops matter
 
 
+def test_fused_continuation_of_several_tokens(quantized):
+    """A prompt continued by several tokens after its past (chat's next turn) gives the logits of the whole
+    prompt at once, rotary inside GroupQueryAttention, growing and in place; a batch continued that way is
+    refused in one line (onnxruntime's CPU GroupQueryAttention continues a batch one token at a time)."""
+    from edgeloop.runtime import Runtime
+    from edgeloop.runtime.session import RuntimeInputError
+
+    root = quantized["test-standard"]
+    export_checkpoint(root / "q", root / "fused-cont", ExportConfig(fused=True, decode_steps=2))
+    rt = Runtime(root / "fused-cont", threads=1)
+    x = np.array([list(range(5, 20))], np.int64)
+    ones, pos = np.ones_like(x), np.arange(15)[None]
+    full, _ = rt.forward(x, ones, pos, rt.empty_past(1), rt.num_loops)
+    for past, in_place in ((rt.empty_past(1), False), (rt.buffer_past(1, 32), True)):
+        _, past = rt.forward(x[:, :10], ones[:, :10], pos[:, :10], past, rt.num_loops, in_place=in_place)
+        rest, _ = rt.forward(x[:, 10:], ones, pos[:, 10:], past, rt.num_loops, in_place=in_place)
+        assert np.abs(rest - full[:, 10:]).max() <= 1e-4
+    x2 = np.concatenate([x, x])
+    _, past = rt.forward(x2[:, :10], np.ones((2, 10), np.int64), np.tile(pos[:, :10], (2, 1)), rt.empty_past(2),
+                         rt.num_loops)
+    with pytest.raises(RuntimeInputError, match="continues a batch one token at a time"):
+        rt.forward(x2[:, 10:], np.ones((2, 15), np.int64), np.tile(pos[:, 10:], (2, 1)), past, rt.num_loops)
+
+
 def test_fp16_kv_cache_halves_the_cache_and_reports_its_drift(quantized):
     from edgeloop.runtime import Runtime
     from edgeloop.runtime.drift import evaluate_drift
