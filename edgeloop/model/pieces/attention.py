@@ -66,10 +66,9 @@ class Attention(nn.Module):
         over [past; new] with the additive bias ctx["bias_gqa"] [B, 1, S, T] (causal + padding: left-padded
         batches work; seqlens_k = T - 1 for every row). Rotary: GroupQueryAttention's own over the packed q/k/v
         (rotary_in_gqa, unless the export asks for position_ids: positions T-S..T-1 of each row, a shift of
-        position_ids that q.k does not see), else
-        com.microsoft.RotaryEmbedding at position_ids (QK-norm, which keeps each head's length and so commutes
-        with the rotation, runs first). Same `past` contract as emit; in the Loop body the rotated new
-        keys/values are rows T-S..T-1 of GroupQueryAttention's presents."""
+        position_ids that q.k does not see), else com.microsoft.RotaryEmbedding at position_ids (QK-norm, which
+        keeps each head's length and so commutes with the rotation, runs first). Same `past` contract as emit;
+        in the Loop body the rotated new keys/values are rows T-S..T-1 of GroupQueryAttention's presents."""
         H, KV = self.n_heads, self.n_kv_heads
         mods = [self.c_q, self.c_k, self.c_v]
         qkv = w.linears(g, x, mods, packed=True) if self.rotary_in_gqa and w.gqa_rotary else w.linears(g, x, mods)
