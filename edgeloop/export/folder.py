@@ -41,20 +41,10 @@ def graph_stats(model: ir.Model) -> dict:
 
 def rotary_op(model: ir.Model) -> str:
     """Where q/k are rotated: "GroupQueryAttention" (do_rotary), "RotaryEmbedding" or "standard ops"."""
-    found = set()
-
-    def walk(graph):
-        for n in graph:
-            if n.op_type == "GroupQueryAttention" and n.attributes.get_int("do_rotary", 0):
-                found.add("GroupQueryAttention")
-            elif n.op_type == "RotaryEmbedding":
-                found.add("RotaryEmbedding")
-            for a in n.attributes.values():
-                if a.type == ir.AttributeType.GRAPH:
-                    walk(a.as_graph())
-
-    walk(model.graph)
-    return next((op for op in ("GroupQueryAttention", "RotaryEmbedding") if op in found), "standard ops")
+    nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))  # subgraphs (Loop body, If branches) included
+    if any(n.op_type == "GroupQueryAttention" and n.attributes.get_int("do_rotary", 0) for n in nodes):
+        return "GroupQueryAttention"
+    return "RotaryEmbedding" if any(n.op_type == "RotaryEmbedding" for n in nodes) else "standard ops"
 
 
 def in_place(model: ir.Model) -> bool:

@@ -161,16 +161,13 @@ def gated_step(g: GraphBuilder, w: Weights, model: Hyperloop, kv: Layout, l: int
     return outs[0], [(outs[1 + 2 * j], outs[2 + 2 * j]) for j in range(len(pres))]
 
 
-def by_loop(g: GraphBuilder, it, r: int, branch, rank: int | list[int] = 4):
+def by_loop(g: GraphBuilder, it, r: int, branch, ranks: list[int]) -> list:
     """branch(b, l) for l = it (0 <= it < r), chosen by a binary tree of If nodes: each branch reads the
     outer-scope tensors of its own loop in place (SequenceAt or Gather would copy them every iteration).
-    The branches' output: a float tensor of the given rank, or a tuple of them (rank a list)."""
-    ranks = rank if isinstance(rank, list) else [rank]
-
+    branch returns float tensors of the given ranks; so does the tree."""
     def pick(b: GraphBuilder, lo: int, hi: int) -> list:
         if hi - lo == 1:
-            out = branch(b, lo)
-            return list(out) if isinstance(rank, list) else [out]
+            return list(branch(b, lo))
         mid = (lo + hi) // 2
         lo_b, hi_b = b.sub(f"loops{lo}_{mid}/"), b.sub(f"loops{mid}_{hi}/")
         lo_out, hi_out = ([typed(t, FLOAT, [None] * n) for t, n in zip(pick(sb, *span), ranks)]
@@ -183,8 +180,7 @@ def by_loop(g: GraphBuilder, it, r: int, branch, rank: int | list[int] = 4):
         if ("below", mid) not in g.memo:
             g.memo["below", mid] = g.Less(it, g.const(mid))
         return g.memo["below", mid]
-    outs = pick(g, 0, r)
-    return tuple(outs) if isinstance(rank, list) else outs[0]
+    return pick(g, 0, r)
 
 
 def loop(g: GraphBuilder, w: Weights, model: Hyperloop, kv: Layout, num_loops, state, e, ctx, past):
@@ -215,8 +211,8 @@ def loop(g: GraphBuilder, w: Weights, model: Hyperloop, kv: Layout, num_loops, s
 
     def past_of(j):
         if kv.shared:
-            return lambda bb, attend, rank=4: attend(bb, *past[kv.slot(0, j)])
-        return lambda bb, attend, rank=4: by_loop(bb, it, r, lambda lb, l: attend(lb, *past[kv.slot(l, j)]), rank)
+            return lambda bb, attend, ranks: attend(bb, *past[kv.slot(0, j)])
+        return lambda bb, attend, ranks: by_loop(bb, it, r, lambda lb, l: attend(lb, *past[kv.slot(l, j)]), ranks)
 
     s_out, new = model.emit_step(b, w, s_in, e, it, ctx, [past_of(j) for j in range(nm)])
     more = cond

@@ -71,7 +71,7 @@ class Attention(nn.Module):
         in the Loop body the rotated new keys/values are rows T-S..T-1 of GroupQueryAttention's presents."""
         H, KV = self.n_heads, self.n_kv_heads
         mods = [self.c_q, self.c_k, self.c_v]
-        qkv = w.linears(g, x, mods, packed=True) if self.rotary_in_gqa and w.gqa_rotary else w.linears(g, x, mods)
+        qkv = w.linears(g, x, mods, packed=self.rotary_in_gqa and w.gqa_rotary)
         if len(qkv) == 1:  # packed [B, S, (H + 2 KV) hd], rotated inside
             ins = [qkv[0], None, None]
             rot = dict(do_rotary=1, rotary_interleaved=self.rotary.INTERLEAVED)
@@ -86,7 +86,7 @@ class Attention(nn.Module):
                                          kv_num_heads=KV, **rot)
 
         if callable(past):  # in the Loop body: the new keys/values leave as [B, KV, S, hd] (the Loop concatenates)
-            y, new_k, new_v = past(g, lambda b, pk, pv: self._new_rows(b, gqa(b, pk, pv), ctx), rank=[3, 4, 4])
+            y, new_k, new_v = past(g, lambda b, pk, pv: self._new_rows(b, gqa(b, pk, pv), ctx), [3, 4, 4])
             return w.linear(g, y, self.c_proj), new_k, new_v
         y, pk, pv = gqa(g, *past)
         return w.linear(g, y, self.c_proj), pk, pv
@@ -109,8 +109,8 @@ class Attention(nn.Module):
     def emit(self, g, w, x, ctx, past):
         """The same over [past; x] with queries grouped by KV head (no head-repeated copy of the cache).
         `past` is this layer's (k, v): returns (y, present k, present v), present = [past; new]. Or `past`
-        is a function (g, attend, rank) -> attend(g, past_k, past_v) (a tensor of that rank) that picks the
-        past inside a subgraph (the Loop body): returns (y, new k, new v), the Loop concatenating after.
+        is a function (g, attend, ranks) -> attend(g, past_k, past_v) (a list of tensors of those ranks) that
+        picks the past inside a subgraph (the Loop body): returns (y, new k, new v), the Loop concatenating after.
         ctx: cos, sin [B, 1, S, hd/2], bias [B, 1 or rep, S, T] (0 / -inf). The fused graph: emit_fused."""
         if w.fused:
             return self.emit_fused(g, w, x, ctx, past)
@@ -134,8 +134,8 @@ class Attention(nn.Module):
             return b.MatMul(probs, values)
 
         if callable(past):  # keys of the past read in place; values concatenated (a K=0 MatMul breaks WebGPU)
-            y = past(g, lambda b, pk, pv: softmax_v(b, b.Concat(scores_of(b, pk), scores_of(b, k), axis=-1),
-                                                    b.Concat(pv, v, axis=2)))
+            y, = past(g, lambda b, pk, pv: [softmax_v(b, b.Concat(scores_of(b, pk), scores_of(b, k), axis=-1),
+                                                      b.Concat(pv, v, axis=2))], [4])
         else:
             k, v = g.Concat(past[0], k, axis=2), g.Concat(past[1], v, axis=2)
             y = softmax_v(g, scores_of(g, k), v)
