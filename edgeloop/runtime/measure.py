@@ -4,6 +4,7 @@ elastic-depth sweep (perplexity and decode speed per loop count) with its plot.
     footprint(folder, ep="cpu") -> {"file_bytes", "peak_rss_bytes", "steady_rss_bytes",
         "kv_bytes_per_token", "prefill_ms", "decode_tokens_per_s", "ep", ...}
     sweep(rt, ids) -> [{"num_loops", "ppl", "decode_tokens_per_s", ...} for num_loops in 1..r]
+    speculation(rt, d, k) -> {"decode_tokens_per_s", "plain_decode_tokens_per_s", "acceptance_rate", ...}
 
 Run as `python -m edgeloop.runtime.measure FOLDER --ep cpu ...` it is the probe itself: it prints
 one JSON object.
@@ -104,11 +105,14 @@ def decode_rates(stamps: list[float]) -> dict[str, float]:
 
 def probe(folder: str, ep: str = "cpu", threads: int = 0, prefill_tokens: int = 128, decode_tokens: int = 256,
           num_loops: int | None = None, mmap: bool = True, prepack: bool = True, repeats: int = 3,
-          model_file: str = "model.onnx", exit_threshold: float | None = None) -> dict:
+          model_file: str = "model.onnx", exit_threshold: float | None = None,
+          draft_loops: int | str | None = None, lookahead: int = 4, approximate: bool = False) -> dict:
     """The measurements, in THIS process (footprint() runs it in a fresh one): peak RSS while the session
     is created, prefill ms for `prefill_tokens` (median of `repeats`), decode tokens/s and RSS during a
     greedy decode of `decode_tokens` (clipped to the context). RSS figures are the whole process's;
-    `session_*` ones are over the baseline: Python, numpy and onnxruntime imported and started once."""
+    `session_*` ones are over the baseline: Python, numpy and onnxruntime imported and started once.
+    draft_loops: the decode is measured with self-speculation too (speculation(): decode_tokens_per_s is then
+    its rate, plain_decode_tokens_per_s the plain one measured the same way)."""
     import onnxruntime  # noqa: F401  libraries imported before the baseline: they are not the model
     import tokenizers  # noqa: F401
 
@@ -157,6 +161,9 @@ def probe(folder: str, ep: str = "cpu", threads: int = 0, prefill_tokens: int = 
            "decode_tokens": decoded, **decode_rates(stamps),
            "context": rt.ctx, "mmap": mmap, "prepack": prepack, "model_file": model_file,
            "exit_threshold": q, "mean_loops": float(np.mean(gen.loops[0][1:] or gen.loops[0]))}
+    if draft_loops is not None:  # decode_tokens_per_s becomes the speculative rate; the median step's stays here
+        out["plain_step_decode_tokens_per_s"] = out["decode_tokens_per_s"]
+        out.update(speculation(rt, draft_loops, lookahead, decode_tokens, exit_threshold=q, approximate=approximate))
     out["process_peak_rss_bytes"] = _peak_rss()
     out["placement"] = rt.placement() if ep != "cpu" else None  # after the measurements: profiling is slow
     out.update(device_memory(ep))
@@ -166,7 +173,8 @@ def probe(folder: str, ep: str = "cpu", threads: int = 0, prefill_tokens: int = 
 def footprint(folder: str | os.PathLike, ep: str = "cpu", threads: int = 0, prefill_tokens: int = 128,
               decode_tokens: int = 256, num_loops: int | None = None, context: int | None = None,
               mmap: bool = True, prepack: bool = True, timeout: float = 1800, model_file: str = "model.onnx",
-              exit_threshold: float | None = None) -> dict:
+              exit_threshold: float | None = None, draft_loops: int | str | None = None, lookahead: int = 4,
+              approximate: bool = False) -> dict:
     """bench's numbers: probe() in a fresh subprocess plus file bytes and the KV-cache size (per token and
     at `context` tokens, default the model's context)."""
     folder = Path(folder)
@@ -193,6 +201,9 @@ def footprint(folder: str | os.PathLike, ep: str = "cpu", threads: int = 0, pref
     cmd += ["--model-file", model_file]
     if exit_threshold is not None:
         cmd += ["--exit-threshold", str(exit_threshold)]
+    if draft_loops is not None:
+        cmd += ["--draft-loops", str(draft_loops), "--lookahead", str(lookahead)] + \
+            (["--draft-approximate"] if approximate else [])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                         os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -232,6 +243,53 @@ def decode_speed(rt, tokens: int = 64, num_loops: int | None = None, exit_thresh
     if loops_out is not None:
         loops_out.extend(g.loops[0][1:])  # the first token comes from the prefill
     return decode_rates(stamps)["decode_tokens_per_s"]
+
+
+SPEC_PROMPT = "And it came to pass in those days, that there went out a decree from Caesar Augustus"
+
+
+def speculation(rt, draft_loops: int | str, lookahead: int, tokens: int = 128, rounds: int = 3,
+                num_loops: int | None = None, exit_threshold: float | None = None, approximate: bool = False) -> dict:
+    """Self-speculative against plain greedy decoding of the same prompt (SPEC_PROMPT, or random ids without
+    a tokenizer), in this process, `rounds` interleaved rounds, medians. A rate is the new tokens after the
+    first (which the prefill gives) over the time from the first to the last: speculation delivers tokens in
+    bursts, so a median step would mean nothing. draft_loops "auto": calibrated once (speculate.calibrate),
+    then measured at its choice. Returns decode_tokens_per_s (speculative), plain_decode_tokens_per_s,
+    speculative_speedup, acceptance_rate, accepted_per_verify, loops_per_token, draft_loops, lookahead,
+    identical_tokens (greedy: the same tokens as plain decoding) and, for auto, its calibration."""
+    if rt.tokenizer is not None:
+        prompt = rt.encode(SPEC_PROMPT).tolist()[: rt.ctx // 4]
+    else:
+        prompt = np.random.default_rng(1).integers(0, rt.vocab_size, min(16, rt.ctx // 4)).tolist()
+    n = max(2, min(tokens + 1, rt.ctx - len(prompt)))
+    kw = dict(stop=(), num_loops=num_loops, exit_threshold=exit_threshold)
+    auto = None
+    if draft_loops == "auto":
+        auto = rt.generate_ids([prompt], 2, draft_loops="auto", lookahead=lookahead, approximate=approximate,
+                               **kw).speculation["auto"]
+        draft_loops, lookahead = auto["draft_loops"], auto["lookahead"]
+        auto = {k: v for k, v in auto.items() if k != "table"}
+
+    def timed(**spec) -> tuple[float, object]:
+        stamps: list[float] = []
+        g = rt.generate_ids([prompt], n, on_token=lambda b, t: stamps.append(time.perf_counter()), **kw, **spec)
+        return (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9), g
+
+    spec = dict(draft_loops=draft_loops, lookahead=lookahead, approximate=approximate) if draft_loops else {}
+    timed(**spec)  # warm both paths' shapes
+    plain, fast, g, ref = [], [], None, None
+    for _ in range(rounds):
+        rate, ref = timed()
+        plain.append(rate)
+        rate, g = timed(**spec)
+        fast.append(rate)
+    st = g.speculation or {}
+    p, f = float(np.median(plain)), float(np.median(fast))
+    return {"decode_tokens_per_s": f, "plain_decode_tokens_per_s": p, "speculative_speedup": f / p,
+            "draft_loops": draft_loops, "lookahead": lookahead, "speculative_tokens": n - 1,
+            "acceptance_rate": st.get("acceptance_rate", 0.0), "accepted_per_verify": st.get("accepted_per_verify", 0.0),
+            "loops_per_token": st.get("loops_per_token", float(rt._loops(num_loops))),
+            "identical_tokens": g.tokens == ref.tokens, "auto": auto}
 
 
 def sweep_loops(r: int, max_loops: int) -> list[int]:
@@ -332,10 +390,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-prepack", action="store_true")
     p.add_argument("--model-file", default="model.onnx")
     p.add_argument("--exit-threshold", type=float, default=None)
+    p.add_argument("--draft-loops", default=None)
+    p.add_argument("--lookahead", type=int, default=4)
+    p.add_argument("--draft-approximate", action="store_true")
     a = p.parse_args(argv)
     try:
+        d = a.draft_loops if a.draft_loops in (None, "auto") else int(a.draft_loops)
         res = probe(a.folder, a.ep, a.threads, a.prefill_tokens, a.decode_tokens, a.num_loops,
-                    not a.no_mmap, not a.no_prepack, model_file=a.model_file, exit_threshold=a.exit_threshold)
+                    not a.no_mmap, not a.no_prepack, model_file=a.model_file, exit_threshold=a.exit_threshold,
+                    draft_loops=d, lookahead=a.lookahead, approximate=a.draft_approximate)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -21,8 +21,11 @@ def _progress(console: Console, enabled: bool) -> Progress:
 
 def stream_generate(out: Console, folder: Path, prompt: str, max_new_tokens: int, temperature: float, top_k: int,
                     top_p: float, repetition_penalty: float, seed: int, num_loops: Optional[int], ep: str,
-                    threads: int, chat: bool = False, exit_threshold: Optional[float] = None) -> None:
-    """Continue `prompt` (or answer it under the chat template) with the runtime, printing text as it comes."""
+                    threads: int, chat: bool = False, exit_threshold: Optional[float] = None,
+                    draft_loops: int | str | None = None, lookahead: int = 4, draft_min_prob: float = 0.0,
+                    err: Console | None = None, approximate: bool = False) -> None:
+    """Continue `prompt` (or answer it under the chat template) with the runtime, printing text as it comes;
+    with draft_loops, self-speculation's figures follow on stderr."""
     from edgeloop.chat import prompt_ids
     from edgeloop.runtime import Runtime
     from edgeloop.runtime.session import ContextLengthError
@@ -35,9 +38,24 @@ def stream_generate(out: Console, folder: Path, prompt: str, max_new_tokens: int
         raise ContextLengthError(f"the prompt has {len(ids)} tokens; the model's context is {rt.ctx}")
     text = TextStream(rt._tok(), lambda s: out.print(s, end="", highlight=False, soft_wrap=True))
     out.print(rt._tok().decode(ids) if chat else prompt, end="", highlight=False)
-    rt.generate_ids([ids], max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop=None, seed=seed,
-                    on_token=lambda row, t: text.push(t), exit_threshold=exit_threshold)
+    g = rt.generate_ids([ids], max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop=None, seed=seed,
+                        on_token=lambda row, t: text.push(t), exit_threshold=exit_threshold, draft_loops=draft_loops,
+                        lookahead=lookahead, draft_min_prob=draft_min_prob, approximate=approximate)
     out.print()
+    if g.speculation and err is not None:
+        err.print(speculation_text(g.speculation), highlight=False)
+
+
+def speculation_text(s: dict) -> str:
+    """One line of self-speculation's figures."""
+    auto = s.get("auto") or {}
+    head = (f"auto chose d = {s['draft_loops']}, k = {s['lookahead']} (projected {auto['projected_speedup']:.2f}×); "
+            if auto else "")
+    if not s["draft_loops"]:
+        return head + "decoded plainly (no draft depth pays here)"
+    return (head + f"self-speculation d = {s['draft_loops']}, k = {s['lookahead']}, R = {s['num_loops']}: "
+            f"{s['acceptance_rate']:.0%} of {s['drafted']} drafts kept, {s['accepted_per_verify']:.2f} per "
+            f"verification, {s['loops_per_token']:.2f} loops per token")
 
 
 def run_inspect(out: Console, path: Path, ppl: bool, tokens: int, text: Optional[Path], tensors: bool,
@@ -175,7 +193,8 @@ def _mb(b: float) -> str:
 def run_bench(out: Console, err: Console, model_dir: Path, ep: str, threads: int, prefill_tokens: int,
               decode_tokens: int, context: Optional[int], num_loops: Optional[int], reference: Optional[Path],
               sweep: bool, plot: Optional[Path], sweep_tokens: int, text: Optional[Path], as_json: bool,
-              model_file: str = "model.onnx", exit_threshold: Optional[float] = None) -> dict:
+              model_file: str = "model.onnx", exit_threshold: Optional[float] = None,
+              draft_loops: int | str | None = None, lookahead: int = 4, approximate: bool = False) -> dict:
     """`edgeloop bench`: footprint and latency (fresh subprocess), optionally vs a reference export, and
     the num_loops sweep (table + PNG) and, for an exit-gated export, the exit-threshold sweep (PLOT-exit.png)."""
     from edgeloop.runtime.measure import (footprint, plot_sweep, plot_threshold_sweep, ratios, sweep as run_sweep,
@@ -183,7 +202,8 @@ def run_bench(out: Console, err: Console, model_dir: Path, ep: str, threads: int
 
     with err.status("measuring in a fresh process", spinner="dots") if not as_json else contextlib.nullcontext():
         r = footprint(model_dir, ep, threads, prefill_tokens, decode_tokens, num_loops, context, model_file=model_file,
-                      exit_threshold=exit_threshold)
+                      exit_threshold=exit_threshold, draft_loops=draft_loops, lookahead=lookahead,
+                      approximate=approximate)
         if reference is not None:
             ref = footprint(reference, ep, threads, prefill_tokens, decode_tokens, None, context)
             r["reference"] = {"path": str(reference), **{k: ref[k] for k in ref if not isinstance(ref[k], dict)}}
@@ -226,10 +246,18 @@ def run_bench(out: Console, err: Console, model_dir: Path, ep: str, threads: int
     row("KV cache per token", "kv_bytes_per_token", f"{r['kv_bytes_per_token']:,} B "
         f"({_mb(r['kv_bytes_at_context'])} at {r['kv_context']} tokens)")
     row("prefill", "prefill_ms", f"{r['prefill_ms']:.2f} ms for {r['prefill_tokens']} tokens")
-    row("decode", "decode_tokens_per_s", f"{r['decode_tokens_per_s']:.1f} tokens/s "
+    row("decode", "decode_tokens_per_s", f"{r.get('plain_step_decode_tokens_per_s', r['decode_tokens_per_s']):.1f} tokens/s "
         f"({r['decode_ms_per_token']:.2f} ms/token)" + (f"; exit threshold {r['exit_threshold']:g}, "
                                                          f"{r['mean_loops']:.2f} loops per token"
                                                          if r.get("exit_threshold") is not None else ""))
+    if draft_loops is not None:
+        t.add_row("self-speculation", f"{r['decode_tokens_per_s']:.1f} tokens/s vs {r['plain_decode_tokens_per_s']:.1f} "
+                  f"plain ({r['speculative_speedup']:.2f}×; first to last of {r['speculative_tokens']} tokens, "
+                  f"median of 3 interleaved): d = {r['draft_loops']}, k = {r['lookahead']}, "
+                  f"{r['acceptance_rate']:.0%} kept, {r['accepted_per_verify']:.2f} per verification, "
+                  f"{r['loops_per_token']:.2f} loops per token"
+                  + ("" if r["identical_tokens"] else "; tokens differ from plain decoding"),
+                  *([""] if reference else []))
     t.add_row("device memory", str(r["device_memory_note"]), *([""] if reference else []))
     if r.get("placement"):
         t.add_row("placement", placement_text(r["placement"]), *([""] if reference else []))

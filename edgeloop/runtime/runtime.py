@@ -33,13 +33,14 @@ EOT = "<|endoftext|>"
 @dataclass
 class Generation:
     """Result of generate(): new token ids per prompt, their text, why each row stopped ("stop" token,
-    "length" = max_new_tokens, "context" = the context is full), and the loops each new token ran (an
-    exit-gated export: the loop it exited at + 1; otherwise num_loops)."""
+    "length" = max_new_tokens, "context" = the context is full), the loops each new token ran (an
+    exit-gated export: the loop it exited at + 1; otherwise num_loops), and with self-speculation its figures."""
     tokens: list[list[int]]
     text: list[str]
     prompt_tokens: list[int]
     finish: list[str] = field(default_factory=list)
     loops: list[list[int]] = field(default_factory=list)
+    speculation: dict | None = None  # self-speculation's figures (speculate.Speculation.as_dict), when it ran
 
 
 class Runtime:
@@ -207,20 +208,28 @@ class Runtime:
     def generate(self, prompts: str | Sequence[str], max_new_tokens: int = 64, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                  stop: Sequence[int] | None = None, seed: int = 0, num_loops: int | None = None,
-                 on_token: Callable[[int, int], None] | None = None, exit_threshold: float | None = None) -> Generation:
+                 on_token: Callable[[int, int], None] | None = None, exit_threshold: float | None = None,
+                 draft_loops: int | str | None = None, lookahead: int = 4, draft_min_prob: float = 0.0,
+                 approximate: bool = False) -> Generation:
         """Continue one prompt or a batch (left-padded) through the KV cache. `stop`: token ids that end
-        a row (default: the folder's eos tokens, else <|endoftext|>; () for none). `on_token(row, token_id)` streams each new token."""
+        a row (default: the folder's eos tokens, else <|endoftext|>; () for none). `on_token(row, token_id)` streams
+        each new token. draft_loops d (or "auto"): self-speculation (speculate.py), up to `lookahead` drafts at d
+        loops verified at num_loops in one call; draft_min_prob: stop drafting when the draft's top-1 probability
+        falls under it; approximate: also where verification is not exact (speculate.py: a shared KV cache, early
+        exits)."""
         batch = [prompts] if isinstance(prompts, str) else list(prompts)
         tok = self._tok()
         ids = [tok.encode(p, add_special_tokens=False).ids for p in batch]
         return self.generate_ids(ids, max_new_tokens, temperature, top_k, top_p, repetition_penalty, stop, seed,
-                                 num_loops, on_token, exit_threshold)
+                                 num_loops, on_token, exit_threshold, draft_loops, lookahead, draft_min_prob,
+                                 approximate)
 
     def generate_ids(self, prompts: Sequence[Sequence[int]], max_new_tokens: int = 64, temperature: float = 0.0,
                      top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0,
                      stop: Sequence[int] | None = None, seed: int = 0, num_loops: int | None = None,
                      on_token: Callable[[int, int], None] | None = None,
-                     exit_threshold: float | None = None) -> Generation:
+                     exit_threshold: float | None = None, draft_loops: int | str | None = None, lookahead: int = 4,
+                     draft_min_prob: float = 0.0, approximate: bool = False) -> Generation:
         """generate() on token ids: a list of prompts, each a list of ids."""
         L = self._loops(num_loops)
         q = self._threshold(exit_threshold)
@@ -237,6 +246,10 @@ class Runtime:
         if longest > self.ctx:
             raise ContextLengthError(f"the prompt has {longest} tokens; the model's context is {self.ctx}")
         stops = set(stop) if stop is not None else set(self.stop_ids)
+        if draft_loops is not None:
+            return self._speculate(rows, max_new_tokens, dict(temperature=temperature, top_k=top_k, top_p=top_p,
+                                   repetition_penalty=repetition_penalty), stops, seed, L, on_token, q, draft_loops,
+                                   lookahead, draft_min_prob, approximate)
         B, rng = len(rows), np.random.default_rng(seed)
         ids = np.full((B, longest), self.pad, np.int64)
         mask = np.zeros((B, longest), np.int64)
@@ -269,6 +282,32 @@ class Runtime:
             mask = np.concatenate([mask, np.ones((B, 1), np.int64)], 1)
         text = [self.tokenizer.decode(n) for n in new] if self.tokenizer is not None else [""] * B
         return Generation(new, text, [len(p) for p in rows], finish, loops)
+
+    def _speculate(self, rows: list[list[int]], max_new_tokens: int, sampling: dict, stops: set[int], seed: int,
+                   R: int, on_token, q, d, k: int, draft_min_prob: float, approximate: bool) -> Generation:
+        """generate_ids with self-speculation: each prompt on its own (batch 1), its figures summed."""
+        from edgeloop.runtime import speculate
+
+        speculate.check(self, d, k, R, draft_min_prob, q if self.gated else None, approximate)
+        rng = np.random.default_rng(seed)
+        room = min(self.ctx, max(len(p) for p in rows) + max_new_tokens)
+        buffers = self.buffer_past(1, room) if self.in_place else None  # reused row after row
+        new, finish, loops, total = [], [], [], None
+        for b, p in enumerate(rows):
+            past = buffers if buffers is not None else self.empty_past(1)
+            stream = None if on_token is None else (lambda t, b=b: on_token(b, t))
+            toks, fin, lps, st = speculate.generate_row(self, p, max_new_tokens, R, d, k, q, sampling, rng, stops,
+                                                        past, self.in_place, stream, draft_min_prob, room)
+            new.append(toks)
+            finish.append(fin)
+            loops.append(lps)
+            if total is None:
+                total = st
+            else:
+                for f in ("rounds", "drafted", "accepted", "draft_calls", "loops_run", "tokens"):
+                    setattr(total, f, getattr(total, f) + getattr(st, f))
+        text = [self.tokenizer.decode(n) for n in new] if self.tokenizer is not None else [""] * len(rows)
+        return Generation(new, text, [len(p) for p in rows], finish, loops, total.as_dict())
 
     def chat(self, message: str) -> list[int]:
         """Token ids of a chat prompt: one user message under the export's chat template (tokenizer_config.json),
