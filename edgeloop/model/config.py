@@ -220,6 +220,14 @@ class HyperloopConfig:
 PRESETS: dict[str, HyperloopConfig] = {
     # the shipped demo model
     "hyperloop-tiny": HyperloopConfig(),
+    # the shipped Huginn-family model (models/huginn-tiny, stored as a huginn_raven folder): Huginn-0125's
+    # architecture (sandwich blocks, adapter injection [s; e], zero start state, interleaved rotary, qk bias,
+    # embeddings scaled by sqrt(d), ln_f twice, MHA, tied head) at mean recurrence 16
+    "huginn-tiny": HyperloopConfig(vocab_size=4096, d_model=256, n_heads=4, n_kv_heads=4, n_begin=1, n_middle=2,
+                                   n_end=1, num_loops=16, max_loops=32, kv_policy="shared", hc="none", n_streams=1,
+                                   injection="adapter", block="sandwich", rotary="interleaved", qk_bias=True,
+                                   qk_norm=False, loop_embedding=False, embed_scale=16.0, post_loop_norm=True,
+                                   rope_theta=50000.0, mlp_hidden=768, max_seq_len=512),
     # test-sized variants (one per hyper-connection variant)
     "test-dynamic": HyperloopConfig(vocab_size=320, d_model=64, n_heads=4, n_kv_heads=2, n_begin=1,
                                     n_middle=2, n_end=1, num_loops=3, mlp_hidden=128, max_seq_len=128),

@@ -1,0 +1,186 @@
+"""Self-speculative decoding against plain full-depth decoding, side by side (run by hand).
+
+    python benchmarks/bench_speculative.py --work /tmp/spec-bench [--rounds 5] [--tokens 96] [--huginn-shape]
+
+For models/huginn-tiny (at its mean depth R = 16) and the shipped demo (R = 4): RTN INT4 (G = 128), exported
+fused, accuracy level 4, with the per-step KV cache (exact verification; Huginn's default shared cache is
+also run, with --draft-approximate, for contrast) and the loop-count dial; then, in one process per thread
+count (1 and 2), for each (d, k) of a grid: greedy generations of --tokens tokens from four validation-text
+prompts, plain and speculative interleaved round by round; a rate is the new tokens after the first over the
+time from the first to the last; medians over rounds and prompts. Prints the table (tok/s, ratio, tokens kept
+per verification, loops per token, identical tokens) and the choice of --draft-loops auto, and writes
+WORK/results.json.
+
+--huginn-shape adds the cost side at Huginn-0125's real shape (random bf16 weights, bench_huginn.py's writer;
+import -> RTN G = 32 -> export per-step, --max-loops 32): one draft step at d and one verification of k + 1
+tokens at 32 steps, each over one plain step, and the speed-up projected at huginn-tiny's measured agreement:
+a projection, since random weights agree on nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+MODELS = {"huginn-tiny": (ROOT / "models" / "huginn-tiny", 16, [(1, 4), (2, 4), (2, 6), (4, 6), (4, 8), (2, 8)]),
+          "demo": (ROOT / "models" / "hyperloop-tiny", 4, [(1, 2), (1, 4), (2, 3), (2, 5), (3, 6)])}
+
+
+def edgeloop(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "edgeloop.cli", *args], check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL)
+
+
+def prepare(work: Path, name: str, src: Path, R: int) -> dict[str, Path]:
+    """INT4 exports of `src`: fused, accuracy level 4, per-step KV (and shared, for Huginn), dial up to 2R."""
+    out = {}
+    q = work / f"{name}-q"
+    if not q.exists():
+        edgeloop("quantize", str(src), "-o", str(q), "--method", "rtn", "--group-size", "128")
+    policies = ["per-step", "shared"] if name.startswith("huginn") else ["per-step"]
+    for policy in policies:
+        x = work / f"{name}-{policy}"
+        if not x.exists():
+            max_loops = 2 * R if name.startswith("huginn") else 6
+            edgeloop("export", str(q), "-o", str(x), "--fused", "--accuracy-level", "4", "--kv-policy", policy,
+                     "--max-loops", str(max_loops))
+        out[policy] = x
+    return out
+
+
+def prompts(rt, n: int = 4, length: int = 32) -> list[list[int]]:
+    from edgeloop.model.data import corpus_split
+
+    ids = rt.encode(corpus_split("val")).tolist()
+    step = len(ids) // n
+    return [ids[i * step: i * step + length] for i in range(n)]
+
+
+def rate(rt, prompt, tokens: int, R: int, **spec) -> tuple[float, object]:
+    stamps: list[float] = []
+    g = rt.generate_ids([prompt], tokens + 1, stop=(), num_loops=R,
+                        on_token=lambda b, t: stamps.append(time.perf_counter()), **spec)
+    return tokens / (stamps[-1] - stamps[0]), g
+
+
+def side_by_side(folder: Path, R: int, grid, threads: int, rounds: int, tokens: int, approximate: bool = False):
+    from edgeloop.runtime import Runtime
+
+    rt = Runtime(folder, threads=threads)
+    ps = prompts(rt)
+    rows = []
+    for d, k in grid:
+        spec = dict(draft_loops=d, lookahead=k, approximate=approximate)
+        rate(rt, ps[0], 8, R)
+        rate(rt, ps[0], 8, R, **spec)  # warm both paths
+        plain, fast, same, st = [], [], [], []
+        for _ in range(rounds):
+            for p in ps:
+                a, ga = rate(rt, p, tokens, R)
+                b, gb = rate(rt, p, tokens, R, **spec)
+                plain.append(a)
+                fast.append(b)
+                same.append(ga.tokens == gb.tokens)
+                st.append(gb.speculation)
+        rows.append({"draft_loops": d, "lookahead": k, "threads": threads,
+                     "plain_tokens_per_s": float(np.median(plain)), "speculative_tokens_per_s": float(np.median(fast)),
+                     "ratio": float(np.median(np.array(fast) / np.array(plain))),
+                     "acceptance_rate": float(np.mean([s["acceptance_rate"] for s in st])),
+                     "accepted_per_verify": float(np.mean([s["accepted_per_verify"] for s in st])),
+                     "loops_per_token": float(np.mean([s["loops_per_token"] for s in st])),
+                     "identical_tokens": float(np.mean(same))})
+        r = rows[-1]
+        print(f"  {folder.name} t={threads} d={d} k={k}: plain {r['plain_tokens_per_s']:.1f} tok/s, speculative "
+              f"{r['speculative_tokens_per_s']:.1f} ({r['ratio']:.2f}x), kept {r['acceptance_rate']:.0%}, "
+              f"{r['accepted_per_verify']:.2f}/verify, {r['loops_per_token']:.2f} loops/token, identical "
+              f"{r['identical_tokens']:.0%}", flush=True)
+    auto = rt.generate_ids([ps[0]], 2, stop=(), num_loops=R, draft_loops="auto", lookahead=8,
+                           approximate=approximate).speculation["auto"]
+    return rows, {k: v for k, v in auto.items() if k != "table"}
+
+
+def huginn_shape(work: Path, agreement: float, ds=(1, 2, 4, 8), ks=(4, 8), R: int = 32, reps: int = 2) -> dict:
+    """The cost side at Huginn-0125's shape: draft step at d and verification of k+1 tokens at R, over a plain
+    step (one process, default threads), and the speed-up projected at `agreement` (i.i.d. acceptance)."""
+    from benchmarks.bench_huginn import REAL, write_checkpoint
+
+    src, q, x = work / "huginn-3.5b", work / "huginn-3.5b-q", work / "huginn-3.5b-x"
+    if not (src / "config.json").exists():
+        write_checkpoint(src, REAL)
+        (src / "config.json").write_text(json.dumps(REAL))
+    if not q.exists():
+        edgeloop("quantize", str(src), "-o", str(q), "--method", "rtn", "--group-size", "32")
+    if not x.exists():
+        edgeloop("export", str(q), "-o", str(x), "--external-data", "--accuracy-level", "4", "--kv-policy", "per-step",
+                 "--max-loops", str(R), "--parity-loops", "1", "--parity-steps", "1")
+    from edgeloop.runtime import Runtime
+
+    rt = Runtime(x)
+    N = 16
+    past = rt.empty_past(1)
+    _, past = rt.forward(np.arange(N)[None] + 100, np.ones((1, N), np.int64), np.arange(N)[None], past, R, keep_kv=True)
+
+    def timed(S: int, L: int) -> float:
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            rt.forward(np.full((1, S), 7), np.ones((1, N + S), np.int64), np.arange(N, N + S)[None], past, L,
+                       keep_kv=True)
+            ts.append(time.perf_counter() - t0)
+        return float(np.median(ts))
+
+    plain = timed(1, R)
+    draft = {d: timed(1, d) / plain for d in ds}
+    verify = {k: timed(k + 1, R) / plain for k in ks}
+    proj = []
+    for d in ds:
+        for k in ks:
+            a = agreement
+            tok = (1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1
+            proj.append({"draft_loops": d, "lookahead": k, "projected_speedup": tok / (k * draft[d] + verify[k])})
+    return {"plain_step_s": plain, "draft_over_plain": draft, "verify_over_plain": verify, "agreement": agreement,
+            "projection": proj}
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--tokens", type=int, default=96)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--models", default="huginn-tiny,demo")
+    ap.add_argument("--huginn-shape", action="store_true")
+    a = ap.parse_args(argv)
+    a.work.mkdir(parents=True, exist_ok=True)
+    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "rounds": a.rounds, "tokens": a.tokens}
+    for name in a.models.split(","):
+        src, R, grid = MODELS[name]
+        ex = prepare(a.work, name, src, R)
+        for threads in map(int, a.threads.split(",")):
+            rows, auto = side_by_side(ex["per-step"], R, grid, threads, a.rounds, a.tokens)
+            results.setdefault(name, {})[f"threads={threads}"] = {"rows": rows, "auto": auto}
+            print(f"  auto: d={auto['draft_loops']} k={auto['lookahead']}, projected "
+                  f"{auto['projected_speedup']:.2f}x", flush=True)
+            if "shared" in ex:
+                rows, _ = side_by_side(ex["shared"], R, grid[:2], threads, max(1, a.rounds // 2), a.tokens, True)
+                results[name][f"shared threads={threads}"] = {"rows": rows}
+    if a.huginn_shape:
+        best = max((r for r in results["huginn-tiny"]["threads=1"]["rows"] if r["draft_loops"] == 4),
+                   key=lambda r: r["ratio"], default=None) if "huginn-tiny" in results else None
+        agreement = best["acceptance_rate"] if best else 0.9
+        results["huginn-3.5b"] = huginn_shape(a.work, agreement)
+        print(json.dumps(results["huginn-3.5b"], indent=1))
+    (a.work / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {a.work / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
