@@ -14,10 +14,14 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from edgeloop.cli_values import draft_loops as _draft_loops, ints as _ints
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
                   help="edgeloop: INT4 deployment of looped (Hyperloop) transformers.")
 out = Console()
 err = Console(stderr=True)
+DRAFT_HELP = "self-speculation: draft at D loops (< num_loops), verify at full depth in one call; 'auto' calibrates"
+K_HELP = "with --draft-loops: drafts per verification"
+APPROX_HELP = "with --draft-loops: also where verification is not exact (shared KV cache, early exits)"
 
 
 def _command_line() -> str:
@@ -95,31 +99,23 @@ def generate(
     seed: int = typer.Option(0), num_loops: Optional[int] = typer.Option(None, help="loops to run (≤ trained r)"),
     top_p: float = typer.Option(1.0, help="export folders: nucleus sampling mass"),
     repetition_penalty: float = typer.Option(1.0, help="export folders: >1 discourages repeats"),
-    ep: str = typer.Option("cpu", help="export folders: execution provider (cpu, webgpu, cuda, coreml, nnapi, "
-                                       "qnn, dml)"),
+    ep: str = typer.Option("cpu", help="export folders: execution provider (cpu, webgpu, cuda, coreml, nnapi, qnn, dml)"),
     threads: int = typer.Option(0, help="export folders: intra-op threads (0 = default)"),
     chat: bool = typer.Option(False, "--chat", help="the prompt is a user message: apply the folder's chat "
                               "template (tokenizer_config.json)"),
     exit_threshold: Optional[float] = typer.Option(None, help="exit-gated models (Ouro): exit once the cumulative "
                                                    "exit probability reaches this (>= 1: never early)"),
-    draft_loops: Optional[str] = typer.Option(None, help="export folders: self-speculation, drafting at D loops "
-                                              "(< num_loops) and verifying at full depth in one call; 'auto' "
-                                              "calibrates D and the lookahead on the prompt"),
-    lookahead: int = typer.Option(4, help="with --draft-loops: drafts per verification"),
-    draft_min_prob: float = typer.Option(0.0, help="with --draft-loops: stop drafting when the draft's top-1 "
-                                         "probability falls under this (0 = off)"),
-    draft_approximate: bool = typer.Option(False, "--draft-approximate", help="with --draft-loops: also where "
-                                           "verification cannot be exact (a KV cache shared across loops, early "
-                                           "exits)"),
+    draft_loops: Optional[str] = typer.Option(None, help=DRAFT_HELP), lookahead: int = typer.Option(4, help=K_HELP),
+    draft_min_prob: float = typer.Option(0.0, help="stop drafting under this top-1 probability (0 = off)"),
+    draft_approximate: bool = typer.Option(False, "--draft-approximate", help=APPROX_HELP),
 ):
     """Continue a prompt, streaming text to the terminal (stopping at the folder's eos tokens)."""
-    draft = _draft_loops(draft_loops)
+    draft = _draft_loops(draft_loops, lookahead)
     if (model_dir / "model.onnx").exists() or (model_dir / "manifest.json").exists():  # an export: onnxruntime
         from edgeloop.runtime.report import stream_generate
 
-        stream_generate(out, model_dir, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-                        seed, num_loops, ep, threads, chat, exit_threshold, draft, lookahead, draft_min_prob, err,
-                        draft_approximate)
+        stream_generate(out, model_dir, prompt, max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed,
+                        num_loops, ep, threads, chat, exit_threshold, draft, lookahead, draft_min_prob, err, draft_approximate)
         return
     if draft is not None:
         raise ValueError("--draft-loops: self-speculation runs on an export folder (edgeloop export first)")
@@ -396,19 +392,15 @@ def bench(
     ort: bool = typer.Option(False, "--ort", help="load model.ort (export --ort) instead of model.onnx"),
     exit_threshold: Optional[float] = typer.Option(None, help="exit-gated models: the exit threshold to measure at "
                                                    "(--sweep adds a threshold sweep)"),
-    draft_loops: Optional[str] = typer.Option(None, help="also decode with self-speculation at D draft loops (or "
-                                              "'auto'): decode_tokens_per_s is then its rate, beside the plain one"),
-    lookahead: int = typer.Option(4, help="with --draft-loops: drafts per verification"),
-    draft_approximate: bool = typer.Option(False, "--draft-approximate", help="with --draft-loops: also where "
-                                           "verification cannot be exact (shared KV cache, early exits)"),
+    draft_loops: Optional[str] = typer.Option(None, help=DRAFT_HELP + " (decode_tokens_per_s is then its rate)"),
+    lookahead: int = typer.Option(4, help=K_HELP),
+    draft_approximate: bool = typer.Option(False, "--draft-approximate", help=APPROX_HELP),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Memory footprint and latency of an export (fresh subprocess), and the elastic-depth sweep."""
     from edgeloop.runtime.report import run_bench
 
-    draft = _draft_loops(draft_loops)
-    if draft is not None and lookahead < 1:
-        raise ValueError(f"--lookahead {lookahead}: a positive integer (the drafts per verification)")
+    draft = _draft_loops(draft_loops, lookahead)
     run_bench(out, err, model_dir, ep, threads, prefill_tokens, decode_tokens, context, num_loops, reference, sweep,
               plot, sweep_tokens, text, as_json, model_file="model.ort" if ort else "model.onnx",
               exit_threshold=exit_threshold, draft_loops=draft, lookahead=lookahead, approximate=draft_approximate)
@@ -475,29 +467,6 @@ def serve(
 
     run_serve(model_dir, host, port, quiet=not verbose, say=lambda s: out.print(s, highlight=False, soft_wrap=True),
               modules=web_modules)
-
-
-def _draft_loops(text: Optional[str]) -> int | str | None:
-    """--draft-loops: an integer, 'auto', or not given."""
-    if text is None or text == "auto":
-        return text
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"--draft-loops {text!r}: an integer (fewer loops than num_loops) or 'auto'") from None
-
-
-def _ints(flag: str, text: Optional[str]) -> Optional[tuple[int, ...]]:
-    """'1,4,8' -> (1, 4, 8)."""
-    if text is None:
-        return None
-    try:
-        vals = tuple(int(t) for t in text.split(","))
-    except ValueError:
-        raise ValueError(f"{flag} {text!r}: comma-separated integers, e.g. 1,4,8") from None
-    if not vals or min(vals) < 1:
-        raise ValueError(f"{flag} {text!r}: loop counts are at least 1")
-    return vals
 
 
 def main() -> None:

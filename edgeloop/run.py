@@ -137,7 +137,7 @@ def stages(source: Path, ckpt: Path, tmp: Path, out: Path, rc: RunConfig, plan: 
     from edgeloop.quantize import quantize_checkpoint
     from edgeloop.runtime import Runtime
     from edgeloop.runtime.drift import evaluate_drift, evaluation_ids
-    from edgeloop.runtime.measure import footprint, plot_sweep, ratios, sweep
+    from edgeloop.runtime.measure import footprint, plot_sweep, ratios, speculation, sweep
 
     timings: dict[str, float] = {}
 
@@ -161,6 +161,15 @@ def stages(source: Path, ckpt: Path, tmp: Path, out: Path, rc: RunConfig, plan: 
                                                            text=rc.eval_text, threads=rc.threads))
     bench = {name: stage(f"bench {name}", lambda name=name: footprint(
         tmp / f"onnx-{name}", rc.ep, rc.threads, rc.prefill_tokens, rc.decode_tokens)) for name in ("int4", "fp32")}
+    def do_speculation():  # --draft-loops auto on the INT4 export, measured against plain decoding
+        from edgeloop.runtime.session import RuntimeInputError
+
+        rt = Runtime(tmp / "onnx-int4", ep=rc.ep, threads=rc.threads)
+        try:
+            return speculation(rt, "auto", 8, tokens=64)
+        except RuntimeInputError as e:  # this export cannot verify exactly (or has no draft depth): say why
+            return {"skipped": str(e)}
+    spec = stage("self-speculation", do_speculation)
     rows = []
     if rc.sweep:
         def do_sweep():
@@ -173,7 +182,7 @@ def stages(source: Path, ckpt: Path, tmp: Path, out: Path, rc: RunConfig, plan: 
     return {"checkpoint": str(source), "out": str(out), "imported": str(fp32_source) if ckpt != source else None,
             "config": {**asdict(rc), "method": method, "group_size": group_size}, "method_note": plan["note"],
             "timings_s": timings, "quantize": _slim(quant), "export": {"int4": exp_int4, "fp32": exp_fp32},
-            "eval": {"int4": drift, "fp32": drift_fp32}, "bench": bench,
+            "eval": {"int4": drift, "fp32": drift_fp32}, "bench": bench, "speculation": spec,
             "int4_over_fp32": ratios(bench["int4"], bench["fp32"]), "sweep": rows}
 
 
@@ -244,6 +253,17 @@ def headline(r: dict) -> list[tuple[str, str]]:
                         f"({r['config']['prefill_tokens']} tokens)"),
             ("decode", f"{b['int4']['decode_tokens_per_s']:.1f} tok/s vs {b['fp32']['decode_tokens_per_s']:.1f} "
                        f"fp32 ({x.get('decode_tokens_per_s', 0):.2f}×)")]
+    s = r.get("speculation")
+    if s and "skipped" in s:
+        rows.append(("self-speculation", f"not run: {s['skipped']}"))
+    elif s and s["draft_loops"]:
+        rows.append(("self-speculation", f"{s['decode_tokens_per_s']:.1f} tok/s vs {s['plain_decode_tokens_per_s']:.1f} "
+                     f"plain ({s['speculative_speedup']:.2f}×) at the best (d, k) = ({s['draft_loops']}, "
+                     f"{s['lookahead']}) auto found; {s['acceptance_rate']:.0%} of drafts kept, "
+                     + ("tokens identical to plain decoding" if s["identical_tokens"] else "tokens DIFFER")))
+    elif s:
+        rows.append(("self-speculation", f"auto found no (d, k) faster than plain decoding here (best projected "
+                     f"{s['auto']['projected_speedup']:.2f}×)"))
     return rows
 
 
