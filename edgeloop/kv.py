@@ -45,17 +45,20 @@ def next_past(names: Sequence[str], outs: Sequence[Any]) -> dict[str, Any]:
     return {PAST + n[len(PRESENT):]: o for n, o in zip(names, outs) if n.startswith(PRESENT)}
 
 
-def bind_in_place(binding, feeds: dict[str, Any], buffers: dict[str, Any]) -> None:
+def bind_in_place(binding, feeds: dict[str, Any], buffers: dict[str, Any], buffers_bound: bool = False) -> None:
     """An onnxruntime IOBinding for an in-place step: each past fed from its buffer (an OrtValue) and its
     present bound to the same buffer; every other feed bound from host memory, as an OrtValue (bind_cpu_input
-    does not know the inputs with a default, such as num_loops), kept alive with the binding."""
+    does not know the inputs with a default, such as num_loops), kept alive with the binding. buffers_bound:
+    the binding already holds these buffers (a binding reused step after step): only the other feeds are
+    bound again (hundreds of slots cost more to bind than a small model's step takes to run)."""
     from onnxruntime import OrtValue
 
-    keep = binding.__dict__.setdefault("_edgeloop_feeds", [])
+    keep = binding.__dict__["_edgeloop_feeds"] = []
     for name, value in feeds.items():
         if name in buffers:
-            binding.bind_ortvalue_input(name, buffers[name])
-            binding.bind_ortvalue_output(PRESENT + name[len(PAST):], buffers[name])
+            if not buffers_bound:
+                binding.bind_ortvalue_input(name, buffers[name])
+                binding.bind_ortvalue_output(PRESENT + name[len(PAST):], buffers[name])
         else:
             keep.append(OrtValue.ortvalue_from_numpy(np.ascontiguousarray(value)))
             binding.bind_ortvalue_input(name, keep[-1])

@@ -27,6 +27,9 @@ def test_run_writes_every_stage_and_the_report(tmp_path):
     assert rep["config"]["embedding_bits"] == 8 and rep["config"]["external_data"] is True
     assert (out / "onnx-int4" / "model.onnx.data").is_file() and (out / "onnx-fp32" / "model.onnx.data").is_file()
     assert json.loads((out / "int4" / "config.json").read_text())["quantization_config"]["embedding_bits"] == 8
+    spec = rep["speculation"]  # --draft-loops auto, measured against plain decoding: the same tokens
+    assert spec["identical_tokens"] and 0 <= spec["draft_loops"] < 3 and spec["auto"]["calibration_tokens"] > 0
+    assert spec["plain_decode_tokens_per_s"] > 0 and "self-speculation" in (out / "report.md").read_text()
 
 
 def test_run_bad_setting_one_line_and_nothing_written(demo_dir, tmp_path, monkeypatch, capsys):

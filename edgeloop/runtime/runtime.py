@@ -91,6 +91,8 @@ class Runtime:
             self.stop_ids = set() if self.eos is None else {self.eos}
             self.pad = self.eos if self.eos is not None else 0
         self._placement: dict | None = None
+        self._binding: tuple | None = None  # (in-place buffers, the IOBinding that holds them): reused step to step
+        self._outs: dict = {}  # (output, shape) -> its buffer for in-place steps
         # the fused graph's GroupQueryAttention writes each step's keys/values into its past's buffer (kv.py: in
         # place); CPU buffers, so only where the session runs on the CPU provider
         self.in_place = bool((self.manifest.get("kv") or {}).get("in_place")) and ep == "cpu"
@@ -161,13 +163,17 @@ class Runtime:
         if self.gated:
             feeds["exit_threshold"] = np.array(self._threshold(exit_threshold), np.float32)
         if in_place:
-            b = self.session.io_binding()
-            extra = [n for n in self.out_names if n in ("logits", "exit_step")]
-            for n in extra:  # bound first: get_outputs() keeps the binding order
-                b.bind_output(n)
-            bind_in_place(b, feeds, past)
+            reuse = self._binding is not None and self._binding[0] is past  # the same buffers as the last step
+            b = self._binding[1] if reuse else self.session.io_binding()
+            self._binding = (past, b)
+            arrays = {}
+            for n, shape, dt in (("logits", (B, S, self.vocab_size), np.float32), ("exit_step", (B, S), np.int64)):
+                if n in self.out_names:  # into buffers of ours (get_outputs() would wrap every present too)
+                    arrays[n], ov = self._out_buffer(n, shape, dt)
+                    b.bind_ortvalue_output(n, ov)
+            bind_in_place(b, feeds, past, buffers_bound=reuse)
             self.session.run_with_iobinding(b)
-            arrays = {n: o.numpy() for n, o in zip(extra, b.get_outputs()[: len(extra)])}
+            arrays = {n: a.copy() for n, a in arrays.items()}
             if self.gated:
                 self.last_exit_step = arrays["exit_step"]
             return arrays["logits"], past
@@ -185,6 +191,20 @@ class Runtime:
         if self.gated:
             self.last_exit_step = arrays["exit_step"]
         return arrays["logits"], nxt
+
+    def _out_buffer(self, name: str, shape: tuple, dtype) -> tuple:
+        """(a numpy array, the OrtValue over its memory) for an in-place step's output; kept per shape for the
+        short steps of decoding and verification (at most 64 rows x tokens), fresh for a prefill's."""
+        import onnxruntime as ort
+
+        key = (name, shape)
+        if key in self._outs:
+            return self._outs[key]
+        a = np.empty(shape, dtype)
+        out = (a, ort.OrtValue.ortvalue_from_numpy(a))
+        if shape[0] * shape[1] <= 64:
+            self._outs[key] = out
+        return out
 
     def _threshold(self, q: float | None) -> float:
         if q is None:
@@ -392,6 +412,7 @@ class Runtime:
             other = Runtime.__new__(Runtime)
             other.__dict__.update({k: v for k, v in self.__dict__.items() if k != "_cleanup"})
             other.session = make_session(self.folder, self.providers, so, self.mmap, self.model_file)
+            other._binding, other._outs = None, {}
             other.forward(*self._probe_feeds(), self.num_loops)
             return placement_from_profile(other.session.end_profiling())
         finally:
