@@ -282,9 +282,10 @@ def written_or_grown(g: GraphBuilder, kv: Layout, ctx, a_past, presents_of) -> d
 
 def route_presents(g: GraphBuilder, kv: Layout, num_loops, scans, past, latest: bool, append=concat) -> dict:
     """present.{slot} from the Loop's scan outputs (scans[2j + c]: [iterations, B, KV, S, hd]). One If picks
-    the common all-loops-ran path; otherwise each slot takes append(past, its scan row) when its loop ran, its
-    past unchanged when its loop is past num_loops, and, with `latest`, append(past, the last scan row) when the
-    exit gate stopped the Loop before it. append: concat, or written_or_grown's in-place write."""
+    the common all-loops-ran path; otherwise one If per loop gives its slots append(past, their scan rows) when
+    the loop ran, their pasts unchanged when it is past num_loops, and, with `latest`, append(past, the last scan
+    row) when the exit gate stopped the Loop before it (one If per slot would run 2 n_middle times as many: at
+    32 loops of 2 layers, 128 Ifs a step). append: concat, or written_or_grown's in-place write."""
     r, nm = kv.num_loops, kv.n_middle
     slots = [(l, j, c) for l in range(r) for j in range(nm) for c in range(2)]
     # rows are taken by Slice, not Gather: WebGPU's Gather refuses a Loop output read inside an If branch
@@ -305,24 +306,28 @@ def route_presents(g: GraphBuilder, kv: Layout, num_loops, scans, past, latest: 
     all_outs = [typed(append(all_b, past[kv.slot(l, j)][c], rows[l, j, c]), FLOAT, kv_shape)
                 for l, j, c in slots]
     some_outs = []
-    for l, j, c in slots:
-        then_b, else_b = some_b.sub(f"ran{l}_{j}_{c}/"), some_b.sub(f"skipped{l}_{j}_{c}/")
-        pst = past[kv.slot(l, j)][c]
-        row = then_b.Squeeze(then_b.Slice(scans[2 * j + c], then_b.const([l]), then_b.const([l + 1])), then_b.const([0]))
-        t_out = typed(append(then_b, pst, row), FLOAT, kv_shape)
+    pairs = [(j, c) for j in range(nm) for c in range(2)]
+    for l in range(r):  # one If per loop (its slots' keys and values together), not one per slot
+        then_b, else_b = some_b.sub(f"ran{l}/"), some_b.sub(f"skipped{l}/")
+        psts = [past[kv.slot(l, j)][c] for j, c in pairs]
+        rows_l = [then_b.Squeeze(then_b.Slice(scans[2 * j + c], then_b.const([l]), then_b.const([l + 1])),
+                                 then_b.const([0])) for j, c in pairs]
+        t_outs = [typed(append(then_b, p, row), FLOAT, kv_shape) for p, row in zip(psts, rows_l)]
         if latest:  # a loop the gate skipped: [past; the last iteration's]; a loop past num_loops: its past
             lat_b, skip_b = else_b.sub("latest/"), else_b.sub("skipped/")
-            row = lat_b.Squeeze(lat_b.Slice(scans[2 * j + c], last_at, lat_b.Add(last_at, lat_b.const([1]))),
-                                lat_b.const([0]))
-            lat = typed(append(lat_b, pst, row), FLOAT, kv_shape)
-            skip = typed(skip_b.Identity(pst), FLOAT, kv_shape)
-            e_out = typed(else_b.If(else_b.Less(else_b.const(l), num_loops), then_branch=lat_b.graph([], [lat], "latest"),
-                                    else_branch=skip_b.graph([], [skip], "skipped")), FLOAT, kv_shape)
+            lat = [typed(append(lat_b, p, lat_b.Squeeze(lat_b.Slice(scans[2 * j + c], last_at,
+                                                                     lat_b.Add(last_at, lat_b.const([1]))),
+                                                        lat_b.const([0]))), FLOAT, kv_shape)
+                   for p, (j, c) in zip(psts, pairs)]
+            skip = [typed(skip_b.Identity(p), FLOAT, kv_shape) for p in psts]
+            e_outs = else_b.If(else_b.Less(else_b.const(l), num_loops), then_branch=lat_b.graph([], lat, "latest"),
+                               else_branch=skip_b.graph([], skip, "skipped"), _outputs=len(pairs))
+            e_outs = [typed(v, FLOAT, kv_shape) for v in e_outs]
         else:
-            e_out = typed(else_b.Identity(pst), FLOAT, kv_shape)
-        some_outs.append(typed(some_b.If(some_b.Less(some_b.const(l), ran),
-                                         then_branch=then_b.graph([], [t_out], "ran"),
-                                         else_branch=else_b.graph([], [e_out], "skipped")), FLOAT, kv_shape))
+            e_outs = [typed(else_b.Identity(p), FLOAT, kv_shape) for p in psts]
+        outs_l = some_b.If(some_b.Less(some_b.const(l), ran), then_branch=then_b.graph([], t_outs, "ran"),
+                           else_branch=else_b.graph([], e_outs, "skipped"), _outputs=len(pairs))
+        some_outs += [typed(v, FLOAT, kv_shape) for v in outs_l]
     outs = g.If(g.Equal(ran, g.const(r)), then_branch=all_b.graph([], all_outs, "all_loops"),
                 else_branch=some_b.graph([], some_outs, "some_loops"), _outputs=len(slots))
     outs = [outs] if len(slots) == 1 else outs
