@@ -59,7 +59,7 @@ def prepare(work: Path, name: str, src: Path, R: int) -> dict[str, Path]:
 def prompts(rt, n: int = 4, length: int = 32) -> list[list[int]]:
     from edgeloop.model.data import corpus_split
 
-    ids = rt.encode(corpus_split("val")).tolist()
+    ids = rt.encode(corpus_split("validation")).tolist()
     step = len(ids) // n
     return [ids[i * step: i * step + length] for i in range(n)]
 

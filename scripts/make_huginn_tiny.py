@@ -73,7 +73,8 @@ chapter held out for validation (`edgeloop.model.data.corpus_split`). The text i
 - {training['steps']} steps × {tc['batch_size']} sequences × {tc['seq_len']} tokens = **{training['tokens_seen']:,} tokens seen**;
   AdamW, peak lr {tc['lr']}, {tc['warmup']} warmup steps then cosine to {tc['min_lr_ratio']}×, weight decay {tc['weight_decay']}, bf16 autocast, seed {tc['seed']}.
 - Steps per batch: Poisson-lognormal around {tc['loops_mean']:g} (sigma {tc['loops_sigma']}), at most {cfg.loop_limit}; backpropagation through the last {tc['backprop_loops']} steps (Huginn's scheme).
-- Wall time {training['seconds'] / 60:.1f} min on {training['threads']} CPU threads (torch {training['torch']}); final training loss {training['final_loss']}.
+- Wall time {training['seconds'] / 60:.1f} min on {training['threads']} CPU threads (torch {training['torch']}, beside other work on the
+  2-core machine); final training loss {training['final_loss']}. Trained on {tc['seq_len']}-token windows: its context is {cfg.max_seq_len}.
 
 ## Evaluation
 Validation perplexity of this folder (imported by `edgeloop import`, fp32 PyTorch, zero start state) on the
@@ -107,15 +108,18 @@ def main(argv: list[str] | None = None) -> None:
     from edgeloop.model.evaluate import perplexity
 
     training = read_config(a.ckpt)["extra"]["training"]
-    write_huginn(a.ckpt, a.out, overwrite=True)  # the weights, then measured through the import path
+    context = training["train_config"]["seq_len"]  # the context it trained on (the config's may be longer)
+    write_huginn(a.ckpt, a.out, overwrite=True, context=context)  # the weights, then measured through the import path
     with tempfile.TemporaryDirectory() as tmp:
         import_folder(a.out, Path(tmp) / "ck")
         model = load_model(Path(tmp) / "ck")
-        ids = encode(load_tokenizer(a.out), corpus_split("val"))[: a.tokens]
+        ids = encode(load_tokenizer(a.out), corpus_split("validation"))[: a.tokens]
         ppl = {s: perplexity(model, ids, num_loops=s)[0] for s in STEPS}
     shown = [shlex.join(train_command(Path("runs/huginn-tiny-ckpt"), a.steps)),
              f"python scripts/make_huginn_tiny.py --steps {a.steps}  # writes the folder and this card"]
-    write_huginn(a.ckpt, a.out, overwrite=True, card=card(load_config(a.ckpt), training, ppl, len(ids), shown))
+    cfg = load_config(a.ckpt)
+    cfg.max_seq_len = context
+    write_huginn(a.ckpt, a.out, overwrite=True, card=card(cfg, training, ppl, len(ids), shown), context=context)
     print(f"wrote {a.out}: " + ", ".join(f"{s} steps {v:.2f}" for s, v in ppl.items()), file=sys.stderr)
 
 

@@ -42,7 +42,7 @@ def check_huginn(cfg: HyperloopConfig) -> None:
                                f"{math.sqrt(cfg.d_model):.4f}")
 
 
-def huginn_config(cfg: HyperloopConfig, dtype: str, gen: dict) -> dict:
+def huginn_config(cfg: HyperloopConfig, dtype: str, gen: dict, context: int | None = None) -> dict:
     """config.json of the folder: Huginn-0125's field names (recpre/raven_config_minimal.py)."""
     d = cfg.d_model
     return {"architectures": ["RavenForCausalLM"], "model_type": MODEL_TYPE, **EXPECTED,
@@ -50,7 +50,7 @@ def huginn_config(cfg: HyperloopConfig, dtype: str, gen: dict) -> dict:
             "head_dim": cfg.head_dim, "intermediate_size": cfg.mlp_hidden, "n_layers": cfg.unique_layers,
             "n_layers_in_prelude": cfg.n_begin, "n_layers_in_recurrent_block": cfg.n_middle,
             "n_layers_in_coda": cfg.n_end, "mean_recurrence": cfg.num_loops, "vocab_size": cfg.vocab_size,
-            "padded_vocab_size": cfg.vocab_size, "block_size": cfg.max_seq_len, "norm_eps": cfg.norm_eps,
+            "padded_vocab_size": cfg.vocab_size, "block_size": context or cfg.max_seq_len, "norm_eps": cfg.norm_eps,
             "rope_base": cfg.rope_theta, "qk_bias": cfg.qk_bias, "bias": False, "tie_embeddings": cfg.tie_embeddings,
             "state_init": "zero", "test_time_noise": 0, "init_values": {"embed_scale": math.sqrt(d),
                                                                         "std": math.sqrt(2 / (5 * d))},
@@ -72,9 +72,10 @@ def huginn_tensors(cfg: HyperloopConfig, state: dict[str, torch.Tensor]) -> dict
 
 
 def write_huginn(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: torch.dtype | None = None,
-                 overwrite: bool = False, card: str | None = None) -> Path:
+                 overwrite: bool = False, card: str | None = None, context: int | None = None) -> Path:
     """Write checkpoint `ckpt` as a huginn_raven folder `out` (atomically): config.json, model.safetensors
-    (dtype: the checkpoint's own by default), generation_config.json, the tokenizer files, README.md (`card`)."""
+    (dtype: the checkpoint's own by default), generation_config.json, the tokenizer files, README.md (`card`).
+    context: the block_size to state (default the checkpoint's max_seq_len; e.g. the length it trained on)."""
     ckpt = Path(ckpt)
     cfg = load_config(ckpt)
     check_huginn(cfg)
@@ -83,7 +84,7 @@ def write_huginn(ckpt: str | os.PathLike, out: str | os.PathLike, *, dtype: torc
     tensors = {k: v.to(stored).contiguous() for k, v in huginn_tensors(cfg, state).items()}
     gen = generation_tokens(ckpt)
     with atomic_dir(out, overwrite) as tmp:
-        write_json(tmp / "config.json", huginn_config(cfg, str(stored).removeprefix("torch."), gen))
+        write_json(tmp / "config.json", huginn_config(cfg, str(stored).removeprefix("torch."), gen, context))
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "generation_config.json").write_text(json.dumps({
             "bos_token_id": gen["bos_token_id"], "eos_token_id": gen["eos_token_id"],

@@ -227,7 +227,7 @@ PRESETS: dict[str, HyperloopConfig] = {
                                    n_end=1, num_loops=16, max_loops=32, kv_policy="shared", hc="none", n_streams=1,
                                    injection="adapter", block="sandwich", rotary="interleaved", qk_bias=True,
                                    qk_norm=False, loop_embedding=False, embed_scale=16.0, post_loop_norm=True,
-                                   rope_theta=50000.0, mlp_hidden=768, max_seq_len=512),
+                                   rope_theta=50000.0, mlp_hidden=768, max_seq_len=256),
     # test-sized variants (one per hyper-connection variant)
     "test-dynamic": HyperloopConfig(vocab_size=320, d_model=64, n_heads=4, n_kv_heads=2, n_begin=1,
                                     n_middle=2, n_end=1, num_loops=3, mlp_hidden=128, max_seq_len=128),
