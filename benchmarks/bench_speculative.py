@@ -4,7 +4,9 @@
 
 For models/huginn-tiny (at its mean depth R = 16) and the shipped demo (R = 4): RTN INT4 (G = 128), exported
 fused, accuracy level 4, with the per-step KV cache (exact verification; Huginn's default shared cache is
-also run, with --draft-approximate, for contrast) and the loop-count dial; then, in one process per thread
+also run, with --draft-approximate, for contrast) and the loop-count dial; first whether greedy tokens are
+plain decoding's at accuracy levels 4 (int8 activations) and 0 (fp32), and where not, how close plain
+decoding's top two logits were where they parted; then, in one process per thread
 count (1 and 2), for each (d, k) of a grid: greedy generations of --tokens tokens from four validation-text
 prompts, plain and speculative interleaved round by round; a rate is the new tokens after the first over the
 time from the first to the last; medians over rounds and prompts. Prints the table (tok/s, ratio, tokens kept
@@ -45,15 +47,37 @@ def prepare(work: Path, name: str, src: Path, R: int) -> dict[str, Path]:
     q = work / f"{name}-q"
     if not q.exists():
         edgeloop("quantize", str(src), "-o", str(q), "--method", "rtn", "--group-size", "128")
-    policies = ["per-step", "shared"] if name.startswith("huginn") else ["per-step"]
-    for policy in policies:
-        x = work / f"{name}-{policy}"
+    variants = [("per-step", "4"), ("per-step", "0")] + ([("shared", "4")] if name.startswith("huginn") else [])
+    for policy, level in variants:
+        x = work / f"{name}-{policy}-acc{level}"
         if not x.exists():
             max_loops = 2 * R if name.startswith("huginn") else 6
-            edgeloop("export", str(q), "-o", str(x), "--fused", "--accuracy-level", "4", "--kv-policy", policy,
+            edgeloop("export", str(q), "-o", str(x), "--fused", "--accuracy-level", level, "--kv-policy", policy,
                      "--max-loops", str(max_loops))
-        out[policy] = x
+        out[policy if level == "4" else f"{policy}-acc0"] = x
     return out
+
+
+def identity(folder: Path, R: int, d: int, k: int, tokens: int) -> dict:
+    """Greedy tokens of plain and speculative decoding from the four prompts: how many generations are equal
+    and, where one parts, the gap between plain decoding's top two logits there (a near-tie flipped by rounding)."""
+    from edgeloop.runtime import Runtime
+
+    rt = Runtime(folder, threads=1)
+    same, gaps = 0, []
+    for p in prompts(rt):
+        a = rt.generate_ids([p], tokens, stop=(), num_loops=R).tokens[0]
+        b = rt.generate_ids([p], tokens, stop=(), num_loops=R, draft_loops=d, lookahead=k).tokens[0]
+        at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        if at is None:
+            same += 1
+            continue
+        seq = p + a[:at]
+        logits, _ = rt.forward(np.array([seq]), np.ones((1, len(seq)), np.int64), np.arange(len(seq))[None],
+                               rt.empty_past(1), R)
+        top = np.sort(logits[0, -1])[-2:]
+        gaps.append(float(top[1] - top[0]))
+    return {"identical": same, "of": 4, "gaps_at_parting": gaps}
 
 
 def prompts(rt, n: int = 4, length: int = 32) -> list[list[int]]:
@@ -102,9 +126,18 @@ def side_by_side(folder: Path, R: int, grid, threads: int, rounds: int, tokens: 
               f"{r['speculative_tokens_per_s']:.1f} ({r['ratio']:.2f}x), kept {r['acceptance_rate']:.0%}, "
               f"{r['accepted_per_verify']:.2f}/verify, {r['loops_per_token']:.2f} loops/token, identical "
               f"{r['identical_tokens']:.0%}", flush=True)
-    auto = rt.generate_ids([ps[0]], 2, stop=(), num_loops=R, draft_loops="auto", lookahead=8,
-                           approximate=approximate).speculation["auto"]
-    return rows, {k: v for k, v in auto.items() if k != "table"}
+    plain, fast, st = [], [], []  # --draft-loops auto, as a user runs it (the calibration before the first token)
+    for _ in range(rounds):
+        for p in ps:
+            plain.append(rate(rt, p, tokens, R)[0])
+            r, g = rate(rt, p, tokens, R, draft_loops="auto", lookahead=8, approximate=approximate)
+            fast.append(r)
+            st.append(g.speculation)
+    auto = {k: v for k, v in st[-1]["auto"].items() if k not in ("table", "costs")}
+    auto.update(ratio=float(np.median(np.array(fast) / np.array(plain))),
+                acceptance_rate=float(np.mean([s["acceptance_rate"] for s in st])),
+                lookahead_used=[s["auto"].get("lookahead_used") for s in st])
+    return rows, auto
 
 
 def huginn_shape(work: Path, agreement: float, ds=(1, 2, 4, 8), ks=(4, 8), R: int = 32, reps: int = 2) -> dict:
@@ -164,11 +197,16 @@ def main(argv: list[str] | None = None) -> None:
     for name in a.models.split(","):
         src, R, grid = MODELS[name]
         ex = prepare(a.work, name, src, R)
+        d0, k0 = grid[1]
+        results.setdefault(name, {})["identity"] = {
+            "accuracy_level_4": identity(ex["per-step"], R, d0, k0, a.tokens),
+            "accuracy_level_0": identity(ex["per-step-acc0"], R, d0, k0, a.tokens)}
+        print(f"  {name} identity (d={d0}, k={k0}): {results[name]['identity']}", flush=True)
         for threads in map(int, a.threads.split(",")):
             rows, auto = side_by_side(ex["per-step"], R, grid, threads, a.rounds, a.tokens)
-            results.setdefault(name, {})[f"threads={threads}"] = {"rows": rows, "auto": auto}
-            print(f"  auto: d={auto['draft_loops']} k={auto['lookahead']}, projected "
-                  f"{auto['projected_speedup']:.2f}x", flush=True)
+            results[name][f"threads={threads}"] = {"rows": rows, "auto": auto}
+            print(f"  auto: d={auto['draft_loops']} k={auto['lookahead']} (then {auto['lookahead_used']}), projected "
+                  f"{auto['projected_speedup']:.2f}x, measured {auto['ratio']:.2f}x", flush=True)
             if "shared" in ex:
                 rows, _ = side_by_side(ex["shared"], R, grid[:2], threads, max(1, a.rounds // 2), a.tokens, True)
                 results[name][f"shared threads={threads}"] = {"rows": rows}

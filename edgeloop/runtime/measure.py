@@ -253,8 +253,8 @@ def speculation(rt, draft_loops: int | str, lookahead: int, tokens: int = 128, r
     """Self-speculative against plain greedy decoding of the same prompt (SPEC_PROMPT, or random ids without
     a tokenizer), in this process, `rounds` interleaved rounds, medians. A rate is the new tokens after the
     first (which the prefill gives) over the time from the first to the last: speculation delivers tokens in
-    bursts, so a median step would mean nothing. draft_loops "auto": calibrated once (speculate.calibrate),
-    then measured at its choice. Returns decode_tokens_per_s (speculative), plain_decode_tokens_per_s,
+    bursts, so a median step would mean nothing. draft_loops "auto": calibrated by each generation before its
+    first token (not timed), the choice and the lookahead it ended with reported. Returns decode_tokens_per_s (speculative), plain_decode_tokens_per_s,
     speculative_speedup, acceptance_rate, accepted_per_verify, loops_per_token, draft_loops, lookahead,
     identical_tokens (greedy: the same tokens as plain decoding) and, for auto, its calibration."""
     if rt.tokenizer is not None:
@@ -263,13 +263,6 @@ def speculation(rt, draft_loops: int | str, lookahead: int, tokens: int = 128, r
         prompt = np.random.default_rng(1).integers(0, rt.vocab_size, min(16, rt.ctx // 4)).tolist()
     n = max(2, min(tokens + 1, rt.ctx - len(prompt)))
     kw = dict(stop=(), num_loops=num_loops, exit_threshold=exit_threshold)
-    auto = None
-    if draft_loops == "auto":
-        auto = rt.generate_ids([prompt], 2, draft_loops="auto", lookahead=lookahead, approximate=approximate,
-                               **kw).speculation["auto"]
-        draft_loops, lookahead = auto["draft_loops"], auto["lookahead"]
-        auto = {k: v for k, v in auto.items() if k != "table"}
-
     def timed(**spec) -> tuple[float, object]:
         stamps: list[float] = []
         g = rt.generate_ids([prompt], n, on_token=lambda b, t: stamps.append(time.perf_counter()), **kw, **spec)
@@ -284,6 +277,9 @@ def speculation(rt, draft_loops: int | str, lookahead: int, tokens: int = 128, r
         rate, g = timed(**spec)
         fast.append(rate)
     st = g.speculation or {}
+    auto = {k: v for k, v in st["auto"].items() if k != "table"} if st.get("auto") else None
+    if auto:  # what auto chose in the last round (the lookahead it ended with)
+        draft_loops, lookahead = auto["draft_loops"], auto.get("lookahead_used", auto["lookahead"])
     p, f = float(np.median(plain)), float(np.median(fast))
     return {"decode_tokens_per_s": f, "plain_decode_tokens_per_s": p, "speculative_speedup": f / p,
             "draft_loops": draft_loops, "lookahead": lookahead, "speculative_tokens": n - 1,

@@ -15,8 +15,11 @@ What the draft leaves in the cache never survives a round: the verification star
 so every kept key/value is the full-depth one plain decoding writes. Growing caches: the draft's presents are
 new tensors (the pre-draft ones are untouched) and the verifier's are sliced to N + 1 + a; in-place buffers
 (kv.py): rows past the kept length are stale and are overwritten by the next round (the attention mask sets
-the length). Greedy output therefore equals plain full-depth decoding token for token, up to floating-point
-ties between a (k+1)-token call and one-token calls. Each prompt is decoded on its own (batch 1), as in
+the length). Greedy output therefore equals plain full-depth decoding token for token, up to ties between a
+(k+1)-token call's rounding and one-token calls': about 1e-6 of the logits in fp32, but with MatMulNBits'
+int8 activations (accuracy level 4) a call of another shape rounds some activations the other way and the
+logits move by ~1e-3, so greedy decoding parts where plain decoding's top two logits are that close (the
+tokens are then the same model's choice under other rounding, never an unverified draft). Each prompt is decoded on its own (batch 1), as in
 Huginn's and LoopSpec's reference code.
 
 Exact where a (k+1)-token call computes what k+1 one-token calls compute: the per-step cache (one slot per
@@ -42,6 +45,7 @@ MAX_LOOKAHEAD = 64  # the most drafts one verification call checks
 AUTO_DEPTHS = (1, 2, 3, 4, 6, 8, 12, 16)  # the draft depths --draft-loops auto tries (those below R)
 AUTO_LOOKAHEAD = 12  # ... and lookaheads 1..this
 CALIBRATION_TOKENS = 128  # the prompt tokens the calibration compares depths on
+PRIOR_DRAFTS = 8  # auto: the prompt's agreement counts as this many drafts once the rounds show their own
 
 
 @dataclass
@@ -225,10 +229,12 @@ def generate_row(rt, prompt: list[int], max_new_tokens: int, R: int, d: int | st
         return new, "length" if max_new_tokens == 0 else "context", loops, Speculation(0 if d == "auto" else d, k, R)
     dec = Decoder(rt, R, 0 if d == "auto" else d, k, q, sampling, rng, stops, past, in_place, draft_min_prob)
     first, logits = dec.prefill(prompt)
+    adapt = None
     if d == "auto":
         auto = calibrate(rt, prompt, logits, dec.past, R, k, q, sampling, in_place, room or rt.ctx)
         dec.d, dec.k = auto["draft_loops"], auto["lookahead"]
         dec.stats = Speculation(dec.d, dec.k, R, auto=auto)
+        adapt = auto.get("costs")
     tokens = [first]
     while True:
         for tok, lp in zip(tokens, dec.last_loops):
@@ -243,6 +249,8 @@ def generate_row(rt, prompt: list[int], max_new_tokens: int, R: int, d: int | st
         if dec.length >= rt.ctx:
             return new, "context", loops, dec.stats
         tokens = dec.round(min(max_new_tokens - len(new) - 1, rt.ctx - 1 - dec.length))
+        if adapt and dec.d:  # auto: the lookahead follows the agreement the rounds show
+            dec.k = dec.stats.auto["lookahead_used"] = lookahead_for(adapt, dec.stats.accepted, dec.stats.drafted)
 
 
 def _loops_of(rt, L: int, at: int | None) -> int:
@@ -259,6 +267,22 @@ def _top1(logits: np.ndarray) -> float:
     return float(1.0 / np.exp(x - x.max()).sum())
 
 
+def tokens_per_round(alpha: float, k: int) -> float:
+    """Expected tokens a round of k drafts yields when each is kept with probability alpha (independently):
+    1 + alpha + ... + alpha^k."""
+    return k + 1.0 if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def lookahead_for(costs: dict, accepted: int, drafted: int) -> int:
+    """The lookahead with the most tokens per second at the agreement seen so far: the calibration's estimate
+    as a prior worth PRIOR_DRAFTS drafts, updated by the drafts kept / made; costs: calibrate()'s cost model
+    (draft_s: one draft step, verify_s: [a verification of 1 token, its extra seconds per token], k_max)."""
+    alpha = (costs["agreement"] * PRIOR_DRAFTS + accepted) / (PRIOR_DRAFTS + drafted)
+    v1, per = costs["verify_s"]
+    return max(range(1, costs["k_max"] + 1),
+               key=lambda k: tokens_per_round(alpha, k) / (k * costs["draft_s"] + v1 + per * k))
+
+
 def calibrate(rt, prompt: list[int], full_logits: np.ndarray, past, R: int, k_max: int, q, sampling: dict,
               in_place: bool, room: int, repeats: int = 3) -> dict:
     """--draft-loops auto: (d, k) with the most tokens per second expected, from the prompt itself.
@@ -269,7 +293,9 @@ def calibrate(rt, prompt: list[int], full_logits: np.ndarray, past, R: int, k_ma
     (1 - a^(k+1)) / (1 - a) tokens for k c_d + v(k + 1) seconds. k_max: the largest lookahead tried (the
     caller's lookahead, at least AUTO_LOOKAHEAD; no further than the cache reaches: `room` tokens). Returns the
     choice (draft_loops 0: plain decoding, when no (d, k) is projected faster), the projected speed-up over plain
-    decoding and the table."""
+    decoding, the table, and the chosen depth's cost model, by which generate_row re-picks the lookahead after
+    every round from the agreement the rounds show (lookahead_for; a prompt is often less predictable than the
+    model's own continuation)."""
     greedy = sampling["temperature"] <= 0
     n = min(len(prompt), CALIBRATION_TOKENS)
     depths = [d for d in AUTO_DEPTHS if d < R]
@@ -287,6 +313,7 @@ def calibrate(rt, prompt: list[int], full_logits: np.ndarray, past, R: int, k_ma
 
     def timed(ids, loops) -> float:
         ts = []
+        _call(rt, ids, N, past, loops, q, in_place)  # a new shape's first call allocates: not timed
         for _ in range(repeats):
             t0 = time.perf_counter()
             _call(rt, ids, N, past, loops, q, in_place)  # writes past the kept length only: overwritten later
@@ -307,7 +334,7 @@ def calibrate(rt, prompt: list[int], full_logits: np.ndarray, past, R: int, k_ma
         alpha = (agree + 1.0) / (n + 2.0)
         c_d = timed(probe[:1], d)
         for kk in range(1, k_max + 1):
-            tokens = (kk + 1) if alpha >= 1 else (1 - alpha ** (kk + 1)) / (1 - alpha)
+            tokens = tokens_per_round(alpha, kk)
             cost = kk * c_d + v1 + (vk - v1) * (kk / k_max)
             rows.append({"draft_loops": d, "lookahead": kk, "agreement": round(alpha, 4),
                          "draft_ms": round(1000 * c_d, 3), "tokens_per_round": round(tokens, 3),
@@ -315,6 +342,9 @@ def calibrate(rt, prompt: list[int], full_logits: np.ndarray, past, R: int, k_ma
     best = max(rows, key=lambda r: r["speedup"])
     if best["speedup"] <= 1.0:  # drafting does not pay here: plain decoding (rounds of one verified token)
         best = {**best, "draft_loops": 0, "lookahead": 0}
+    costs = {"agreement": best["agreement"], "draft_s": best["draft_ms"] / 1000, "k_max": k_max,
+             "verify_s": [v1, (vk - v1) / k_max]}
     return {"draft_loops": best["draft_loops"], "lookahead": best["lookahead"], "projected_speedup": best["speedup"],
+            "costs": costs,
             "agreement": best["agreement"], "verify_ms": [round(1000 * v1, 3), round(1000 * vk, 3)],
             "calibration_tokens": n, "table": rows}

@@ -14,7 +14,7 @@ from edgeloop.quantize import RTNConfig, quantize_checkpoint
 from edgeloop.runtime import Runtime, RuntimeInputError
 from edgeloop.runtime.sampling import acceptance, dense, distribution, residual
 from edgeloop.runtime.speculate import Decoder
-from tests.conftest import perturbed, run_cli
+from tests.conftest import ROOT, perturbed, run_cli
 
 PROMPT = [5, 17, 42, 7, 99, 3, 11]
 
@@ -225,3 +225,25 @@ def test_cli_generate_and_bench_report_speculation(exports, monkeypatch, capsys)
                 "loops_per_token", "speculative_speedup"):
         assert isinstance(r[key], float) and r[key] >= 0, key
     assert r["identical_tokens"] and r["draft_loops"] == 1 and r["lookahead"] == 3
+
+
+HUGINN_TINY = ROOT / "models" / "huginn-tiny"
+
+
+@pytest.mark.skipif(not (HUGINN_TINY / "model.safetensors").is_file(), reason="models/huginn-tiny is not built")
+def test_trained_huginn_tiny_drafts_agree_at_few_steps(tmp_path_factory):
+    """The trained test bed: the Huginn folder exported as it is (per-step cache, the dial to 16 steps);
+    speculation at its mean depth keeps most drafts of 2 steps, and its tokens are plain decoding's."""
+    from edgeloop.importers import import_folder
+
+    root = tmp_path_factory.mktemp("huginn-tiny")
+    out = root / "x"
+    import_folder(HUGINN_TINY, root / "ck")
+    export_checkpoint(root / "ck", out, ExportConfig(kv_policy="per-step", max_loops=16, decode_steps=2,
+                                                     parity_loops=(2,)), progress=False)
+    rt = Runtime(out, threads=1)
+    ids = rt.encode("And it came to pass, when the king heard").tolist()
+    plain = rt.generate_ids([ids], 40, stop=())
+    g = rt.generate_ids([ids], 40, stop=(), draft_loops=2, lookahead=4)
+    assert g.tokens == plain.tokens and rt.r == 16
+    assert g.speculation["acceptance_rate"] > 0.6 and g.speculation["loops_per_token"] < 8
