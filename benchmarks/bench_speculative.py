@@ -140,9 +140,11 @@ def side_by_side(folder: Path, R: int, grid, threads: int, rounds: int, tokens: 
     return rows, auto
 
 
-def huginn_shape(work: Path, agreement: float, ds=(1, 2, 4, 8), ks=(4, 8), R: int = 32, reps: int = 2) -> dict:
+def huginn_shape(work: Path, agreement: dict[int, float], ds=(1, 2, 4, 8), ks=(4, 8), R: int = 32,
+                 reps: int = 2) -> dict:
     """The cost side at Huginn-0125's shape: draft step at d and verification of k+1 tokens at R, over a plain
-    step (one process, default threads), and the speed-up projected at `agreement` (i.i.d. acceptance)."""
+    step (one process, default threads), and the speed-up projected at agreement[d] (huginn-tiny's kept share
+    at that draft depth, the nearest measured one below it otherwise; i.i.d. acceptance)."""
     from benchmarks.bench_huginn import REAL, write_checkpoint
 
     src, q, x = work / "huginn-3.5b", work / "huginn-3.5b-q", work / "huginn-3.5b-x"
@@ -175,10 +177,11 @@ def huginn_shape(work: Path, agreement: float, ds=(1, 2, 4, 8), ks=(4, 8), R: in
     verify = {k: timed(k + 1, R) / plain for k in ks}
     proj = []
     for d in ds:
+        a = agreement[max((x for x in agreement if x <= d), default=min(agreement))]
         for k in ks:
-            a = agreement
             tok = (1 - a ** (k + 1)) / (1 - a) if a < 1 else k + 1
-            proj.append({"draft_loops": d, "lookahead": k, "projected_speedup": tok / (k * draft[d] + verify[k])})
+            proj.append({"draft_loops": d, "lookahead": k, "agreement": a,
+                         "projected_speedup": tok / (k * draft[d] + verify[k])})
     return {"plain_step_s": plain, "draft_over_plain": draft, "verify_over_plain": verify, "agreement": agreement,
             "projection": proj}
 
@@ -194,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "rounds": a.rounds, "tokens": a.tokens}
-    for name in a.models.split(","):
+    for name in [m for m in a.models.split(",") if m]:
         src, R, grid = MODELS[name]
         ex = prepare(a.work, name, src, R)
         d0, k0 = grid[1]
@@ -211,13 +214,15 @@ def main(argv: list[str] | None = None) -> None:
                 rows, _ = side_by_side(ex["shared"], R, grid[:2], threads, max(1, a.rounds // 2), a.tokens, True)
                 results[name][f"shared threads={threads}"] = {"rows": rows}
     if a.huginn_shape:
-        best = max((r for r in results["huginn-tiny"]["threads=1"]["rows"] if r["draft_loops"] == 4),
-                   key=lambda r: r["ratio"], default=None) if "huginn-tiny" in results else None
-        agreement = best["acceptance_rate"] if best else 0.9
+        tiny = results.get("huginn-tiny") or json.loads((a.work / "results.json").read_text())["huginn-tiny"]
+        agreement: dict[int, float] = {}
+        for r in tiny["threads=1"]["rows"]:  # huginn-tiny's kept share at each draft depth (its best lookahead)
+            agreement[r["draft_loops"]] = max(agreement.get(r["draft_loops"], 0.0), r["acceptance_rate"])
         results["huginn-3.5b"] = huginn_shape(a.work, agreement)
         print(json.dumps(results["huginn-3.5b"], indent=1))
-    (a.work / "results.json").write_text(json.dumps(results, indent=1))
-    print(f"wrote {a.work / 'results.json'}")
+    name = "results.json" if a.models else "results-huginn-shape.json"
+    (a.work / name).write_text(json.dumps(results, indent=1))
+    print(f"wrote {a.work / name}")
 
 
 if __name__ == "__main__":
