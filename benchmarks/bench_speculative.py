@@ -140,6 +140,29 @@ def side_by_side(folder: Path, R: int, grid, threads: int, rounds: int, tokens: 
     return rows, auto
 
 
+def call_costs(rt, R: int, ds, ks, reps: int = 5, N: int = 32) -> dict:
+    """Seconds of one call after an N-token cache (median of reps, after an untimed first call of the shape):
+    a plain step (one token at R loops), a draft step at each d, a verification of k + 1 tokens at R, the last
+    two over the first. In-place buffers where the export has them, as generation uses them."""
+    past = rt.buffer_past(1, N + max(ks) + 2) if rt.in_place else rt.empty_past(1)
+    _, past = rt.forward(np.arange(N)[None] + 100, np.ones((1, N), np.int64), np.arange(N)[None], past, R,
+                         keep_kv=True, in_place=rt.in_place)
+
+    def timed(S: int, L: int) -> float:
+        ts = []
+        for i in range(reps + 1):
+            t0 = time.perf_counter()
+            rt.forward(np.full((1, S), 7), np.ones((1, N + S), np.int64), np.arange(N, N + S)[None], past, L,
+                       keep_kv=True, in_place=rt.in_place)
+            if i:
+                ts.append(time.perf_counter() - t0)
+        return float(np.median(ts))
+
+    plain = timed(1, R)
+    return {"plain_step_s": plain, "draft_over_plain": {d: timed(1, d) / plain for d in ds},
+            "verify_over_plain": {k: timed(k + 1, R) / plain for k in ks}}
+
+
 def huginn_shape(work: Path, agreement: dict[int, float], ds=(1, 2, 4, 8), ks=(4, 8), R: int = 32,
                  reps: int = 2) -> dict:
     """The cost side at Huginn-0125's shape: draft step at d and verification of k+1 tokens at R, over a plain
@@ -158,23 +181,8 @@ def huginn_shape(work: Path, agreement: dict[int, float], ds=(1, 2, 4, 8), ks=(4
                  "--max-loops", str(R), "--parity-loops", "1", "--parity-steps", "1")
     from edgeloop.runtime import Runtime
 
-    rt = Runtime(x)
-    N = 16
-    past = rt.empty_past(1)
-    _, past = rt.forward(np.arange(N)[None] + 100, np.ones((1, N), np.int64), np.arange(N)[None], past, R, keep_kv=True)
-
-    def timed(S: int, L: int) -> float:
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            rt.forward(np.full((1, S), 7), np.ones((1, N + S), np.int64), np.arange(N, N + S)[None], past, L,
-                       keep_kv=True)
-            ts.append(time.perf_counter() - t0)
-        return float(np.median(ts))
-
-    plain = timed(1, R)
-    draft = {d: timed(1, d) / plain for d in ds}
-    verify = {k: timed(k + 1, R) / plain for k in ks}
+    c = call_costs(Runtime(x), R, ds, ks, reps)
+    plain, draft, verify = c["plain_step_s"], c["draft_over_plain"], c["verify_over_plain"]
     proj = []
     for d in ds:
         a = agreement[max((x for x in agreement if x <= d), default=min(agreement))]
@@ -194,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--models", default="huginn-tiny,demo")
     ap.add_argument("--huginn-shape", action="store_true")
+    ap.add_argument("--costs-only", action="store_true", help="only the identity check and the call costs")
     a = ap.parse_args(argv)
     a.work.mkdir(parents=True, exist_ok=True)
     results: dict = {"date": time.strftime("%Y-%m-%d %H:%M"), "rounds": a.rounds, "tokens": a.tokens}
@@ -205,12 +214,20 @@ def main(argv: list[str] | None = None) -> None:
             "accuracy_level_4": identity(ex["per-step"], R, d0, k0, a.tokens),
             "accuracy_level_0": identity(ex["per-step-acc0"], R, d0, k0, a.tokens)}
         print(f"  {name} identity (d={d0}, k={k0}): {results[name]['identity']}", flush=True)
+        from edgeloop.runtime import Runtime
+
         for threads in map(int, a.threads.split(",")):
+            results[name][f"costs threads={threads}"] = c = call_costs(
+                Runtime(ex["per-step"], threads=threads), R, sorted({d for d, _ in grid}), (2, 4, 8))
+            print(f"  {name} t={threads} costs: plain step {1000 * c['plain_step_s']:.2f} ms; draft step / plain "
+                  f"{c['draft_over_plain']}; verification of k+1 / plain {c['verify_over_plain']}", flush=True)
+            if a.costs_only:
+                continue
             rows, auto = side_by_side(ex["per-step"], R, grid, threads, a.rounds, a.tokens)
             results[name][f"threads={threads}"] = {"rows": rows, "auto": auto}
             print(f"  auto: d={auto['draft_loops']} k={auto['lookahead']} (then {auto['lookahead_used']}), projected "
                   f"{auto['projected_speedup']:.2f}x, measured {auto['ratio']:.2f}x", flush=True)
-            if "shared" in ex:
+            if "shared" in ex and not a.costs_only:
                 rows, _ = side_by_side(ex["shared"], R, grid[:2], threads, max(1, a.rounds // 2), a.tokens, True)
                 results[name][f"shared threads={threads}"] = {"rows": rows}
     if a.huginn_shape:
@@ -220,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
             agreement[r["draft_loops"]] = max(agreement.get(r["draft_loops"], 0.0), r["acceptance_rate"])
         results["huginn-3.5b"] = huginn_shape(a.work, agreement)
         print(json.dumps(results["huginn-3.5b"], indent=1))
-    name = "results.json" if a.models else "results-huginn-shape.json"
+    name = "results.json" if a.models and not a.costs_only else "results-extra.json"
     (a.work / name).write_text(json.dumps(results, indent=1))
     print(f"wrote {a.work / name}")
 
