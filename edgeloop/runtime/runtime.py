@@ -2,6 +2,7 @@
 
     rt = Runtime("exports/tiny-int4", ep="cpu", threads=0)
     out = rt.generate("And God said", max_new_tokens=40, on_token=lambda row, tok: ...)
+    out = rt.generate("And God said", draft_loops=2, lookahead=4)   # self-speculation (speculate.py)
     ppl, n = rt.perplexity(ids)            # the strided windows of the PyTorch reference
     rt.placement()                         # {provider: {"nodes": n, "ops": {...}}}
 
