@@ -172,14 +172,14 @@ def by_loop(g: GraphBuilder, it, r: int, branch, ranks: list[int]) -> list:
         lo_b, hi_b = b.sub(f"loops{lo}_{mid}/"), b.sub(f"loops{mid}_{hi}/")
         lo_out, hi_out = ([typed(t, FLOAT, [None] * n) for t, n in zip(pick(sb, *span), ranks)]
                           for sb, span in ((lo_b, (lo, mid)), (hi_b, (mid, hi))))
-        outs = b.If(below(mid), then_branch=lo_b.graph([], lo_out, f"loops{lo}_{mid}"),
+        outs = b.If(below(b, mid), then_branch=lo_b.graph([], lo_out, f"loops{lo}_{mid}"),
                     else_branch=hi_b.graph([], hi_out, f"loops{mid}_{hi}"), _outputs=len(ranks))
         return list(outs) if len(ranks) > 1 else [outs]
 
-    def below(mid: int):  # it < mid, made once per body and shared by every layer's tree
-        if ("below", mid) not in g.memo:
-            g.memo["below", mid] = g.Less(it, g.const(mid))
-        return g.memo["below", mid]
+    def below(b: GraphBuilder, mid: int):  # it < mid, made in the branch that tests it: only the log2(r) tests on
+        if ("below", mid) not in b.memo:   # the path taken run, not all r - 1 at the top of every iteration
+            b.memo["below", mid] = b.Less(it, b.const(mid))
+        return b.memo["below", mid]
     return pick(g, 0, r)
 
 
