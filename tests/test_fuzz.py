@@ -394,11 +394,15 @@ def options(bases):
         (train, "--config", ["nowhere.json", "broken"], ("config",)),
         (train, "--text", ["nowhere.txt"], ("nowhere.txt",)),
         (train, "--tokenizer", [str(bases["x"] / "model.onnx")], ("tokenizer",)),
+        (gen_x, "--draft-loops", ["0", "3", "two", "-1"], ("draft_loops", "--draft-loops")),
+        (lambda d: gen_x(d) + ["--draft-loops", "1"], "--lookahead", ["0", "-3", "100000"], ("lookahead",)),
+        (lambda d: gen_x(d) + ["--draft-loops", "1"], "--draft-min-prob", ["1.5", "-0.1"], ("draft_min_prob",)),
+        (lambda d: ["bench", x, "--decode-tokens", "4"], "--draft-loops", ["9", "x"], ("draft_loops", "--draft-loops")),
     ]
 
 
 CLI_HAND = [(0, "7"), (9, "foo"), (11, "0"), (14, str(10**9)), (16, "a"), (22, "1.5"), (23, "100"), (25, "foo"),
-            (32, "1"), (36, "foo"), (44, "70000")]
+            (32, "1"), (36, "foo"), (44, "70000"), (62, "3"), (63, "100000"), (64, "1.5"), (65, "9")]
 
 
 @pytest.mark.parametrize("row,value", CLI_HAND)
