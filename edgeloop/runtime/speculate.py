@@ -237,6 +237,11 @@ def generate_row(rt, prompt: list[int], max_new_tokens: int, R: int, d: int | st
         dec.stats = Speculation(dec.d, dec.k, R, auto=auto)
         adapt = auto.get("costs")
     tokens = [first]
+
+    def done(why: str):
+        dec.stats.tokens = len(new) - 1  # what was emitted after the prefill's token (a round may keep more)
+        return new, why, loops, dec.stats
+
     while True:
         for tok, lp in zip(tokens, dec.last_loops):
             new.append(tok)
@@ -244,11 +249,11 @@ def generate_row(rt, prompt: list[int], max_new_tokens: int, R: int, d: int | st
             if on_token is not None:
                 on_token(tok)
             if tok in stops:
-                return new, "stop", loops, dec.stats
+                return done("stop")
             if len(new) >= max_new_tokens:
-                return new, "length", loops, dec.stats
+                return done("length")
         if dec.length >= rt.ctx:
-            return new, "context", loops, dec.stats
+            return done("context")
         tokens = dec.round(min(max_new_tokens - len(new) - 1, rt.ctx - 1 - dec.length))
         if adapt and dec.d:  # auto: the lookahead follows the agreement the rounds show
             dec.k = dec.stats.auto["lookahead_used"] = lookahead_for(adapt, dec.stats.accepted, dec.stats.drafted)
