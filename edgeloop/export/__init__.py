@@ -71,6 +71,12 @@ def export_config(cfg, ec: ExportConfig):
         if cfg.hc != "none" or not REGISTRY["injection"][cfg.injection].random_start:
             raise ValueError(f"--init-state random: this model's loop state starts from its input "
                              f"(hc {cfg.hc}, injection {cfg.injection}); only a random-start injection has one")
+        std = ((cfg.extra or {}).get("imported_from") or {}).get("init_std")  # the source's init_values.std
+        sigma = REGISTRY["injection"][cfg.injection](cfg).sigma()
+        if std is not None and abs(std - sigma) > 1e-6 * sigma:
+            raise ValueError(f"--init-state random: the source's init_values.std is {std:g}, not sqrt(2 / (5d)) = "
+                             f"{sigma:.6g}, so its reference start differs from edgeloop's random one" +
+                             (" (std 0: it starts from zeros at any init_scale, as this export does)" if not std else ""))
     if ec.max_loops is not None and cfg.has_loop_params and ec.max_loops > cfg.loop_limit:
         raise ValueError(f"--max-loops {ec.max_loops}: this model's per-loop parameters (hc {cfg.hc}, loop embedding "
                          f"{cfg.loop_embedding}) exist for loops 1..{cfg.loop_limit}; train it with --max-loops to change that")

@@ -97,7 +97,8 @@ def config_of(folder: Path) -> tuple[dict, HyperloopConfig]:
             rope_theta=float(raw.get("rope_base", 50000.0)), norm_eps=float(raw.get("norm_eps", 1e-6)),
             max_seq_len=need("block_size"),
             extra={"imported_from": {"format": MODEL_TYPE, "source": str(folder.resolve()),
-                                     "mean_recurrence": r, "state_init": raw.get("state_init", "like-init")}})
+                                     "mean_recurrence": r, "state_init": raw.get("state_init", "like-init"),
+                                     "init_std": (raw.get("init_values") or {}).get("std")}})
         return raw, cfg.validate()
     except (ConfigError, TypeError, ValueError) as e:
         raise HuginnImportError(f"{where}: does not map onto edgeloop: {e}") from None

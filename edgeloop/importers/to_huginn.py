@@ -1,7 +1,9 @@
 """An edgeloop checkpoint with Huginn-0125's architecture written as a Hugging Face `huginn_raven` folder: the
 layout `edgeloop import` (importers/huginn.py) reads and seal-rg/recurrent-pretraining's raven_modeling_minimal.py
 loads. The inverse of huginn.key_map: Wqkv = [c_q; c_k; c_v], qk_bias = stack(q bias, k bias) [2, 1, H, hd],
-fc = [c_gate; c_fc], inject = the adapter. The state starts at zeros (config `state_init: "zero"`), as it trained.
+fc = [c_gate; c_fc], inject = the adapter. The state starts at zeros, as it trained: `state_init: "zero"`, and
+`init_values.std: 0`, since the reference's initialize_state draws TruncNormal(std * init_scale) whatever state_init
+says (its generate() defaults to init_scale 1), and std 0 makes that zeros at any init_scale.
 """
 from __future__ import annotations
 
@@ -52,8 +54,7 @@ def huginn_config(cfg: HyperloopConfig, dtype: str, gen: dict, context: int | No
             "n_layers_in_coda": cfg.n_end, "mean_recurrence": cfg.num_loops, "vocab_size": cfg.vocab_size,
             "padded_vocab_size": cfg.vocab_size, "block_size": context or cfg.max_seq_len, "norm_eps": cfg.norm_eps,
             "rope_base": cfg.rope_theta, "qk_bias": cfg.qk_bias, "bias": False, "tie_embeddings": cfg.tie_embeddings,
-            "state_init": "zero", "test_time_noise": 0, "init_values": {"embed_scale": math.sqrt(d),
-                                                                        "std": math.sqrt(2 / (5 * d))},
+            "state_init": "zero", "test_time_noise": 0, "init_values": {"embed_scale": math.sqrt(d), "std": 0.0},
             "bos_token_id": gen["bos_token_id"], "eos_token_id": gen["eos_token_id"][0] if gen["eos_token_id"] else 0,
             "pad_token_id": gen["pad_token_id"], "torch_dtype": dtype}
 

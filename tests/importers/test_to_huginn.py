@@ -35,6 +35,14 @@ def test_written_folder_is_huginn_by_the_published_equations(tmp_path):
         with torch.no_grad():
             got = model(IDS, num_loops=steps)
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # the reference's initialize_state draws std * init_scale whatever state_init says: std 0 keeps it at zeros
+    assert raw["init_values"]["std"] == 0.0
+    with pytest.raises(ValueError, match="init_values.std is 0.*starts from zeros"):
+        from edgeloop.export import ExportConfig, export_checkpoint
+
+        import_folder(folder, tmp_path / "el")
+        export_checkpoint(tmp_path / "el", tmp_path / "x", ExportConfig(init_state="random"), progress=False)
+    assert not (tmp_path / "x").exists()
     import_folder(folder, tmp_path / "back")
     back = load_model(tmp_path / "back").state_dict()
     for k, v in model.state_dict().items():
