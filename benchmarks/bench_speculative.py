@@ -89,10 +89,10 @@ def prompts(rt, n: int = 4, length: int = 32) -> list[list[int]]:
 
 
 def rate(rt, prompt, tokens: int, R: int, **spec) -> tuple[float, object]:
-    stamps: list[float] = []
-    g = rt.generate_ids([prompt], tokens + 1, stop=(), num_loops=R,
-                        on_token=lambda b, t: stamps.append(time.perf_counter()), **spec)
-    return tokens / (stamps[-1] - stamps[0]), g
+    """tokens after the first over their time (edgeloop.runtime.measure.first_to_last_rate) at R loops."""
+    from edgeloop.runtime.measure import first_to_last_rate
+
+    return first_to_last_rate(rt, prompt, tokens + 1, num_loops=R, **spec)
 
 
 def side_by_side(folder: Path, R: int, grid, threads: int, rounds: int, tokens: int, approximate: bool = False):

@@ -248,25 +248,32 @@ def decode_speed(rt, tokens: int = 64, num_loops: int | None = None, exit_thresh
 SPEC_PROMPT = "And it came to pass in those days, that there went out a decree from Caesar Augustus"
 
 
+def first_to_last_rate(rt, prompt: list[int], n: int, **generate) -> tuple[float, object]:
+    """(tokens/s, the Generation) of a greedy generation of n tokens with no stop token: the n - 1 tokens
+    after the first (which the prefill gives) over the time from the first to the last."""
+    stamps: list[float] = []
+    g = rt.generate_ids([prompt], n, stop=(), on_token=lambda b, t: stamps.append(time.perf_counter()), **generate)
+    return (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9), g
+
+
 def speculation(rt, draft_loops: int | str, lookahead: int, tokens: int = 128, rounds: int = 3,
                 num_loops: int | None = None, exit_threshold: float | None = None, approximate: bool = False) -> dict:
     """Self-speculative against plain greedy decoding of the same prompt (SPEC_PROMPT, or random ids without
     a tokenizer), in this process, `rounds` interleaved rounds, medians. A rate is the new tokens after the
     first (which the prefill gives) over the time from the first to the last: speculation delivers tokens in
     bursts, so a median step would mean nothing. draft_loops "auto": calibrated by each generation before its
-    first token (not timed), the choice and the lookahead it ended with reported. Returns decode_tokens_per_s (speculative), plain_decode_tokens_per_s,
-    speculative_speedup, acceptance_rate, accepted_per_verify, loops_per_token, draft_loops, lookahead,
+    first token (not timed), the choice and the lookahead it ended with reported. Returns decode_tokens_per_s
+    (speculative), plain_decode_tokens_per_s, speculative_speedup, acceptance_rate, accepted_per_verify, loops_per_token, draft_loops, lookahead,
     identical_tokens (greedy: the same tokens as plain decoding) and, for auto, its calibration."""
     if rt.tokenizer is not None:
         prompt = rt.encode(SPEC_PROMPT).tolist()[: rt.ctx // 4]
     else:
         prompt = np.random.default_rng(1).integers(0, rt.vocab_size, min(16, rt.ctx // 4)).tolist()
     n = max(2, min(tokens + 1, rt.ctx - len(prompt)))
-    kw = dict(stop=(), num_loops=num_loops, exit_threshold=exit_threshold)
+    kw = dict(num_loops=num_loops, exit_threshold=exit_threshold)
+
     def timed(**spec) -> tuple[float, object]:
-        stamps: list[float] = []
-        g = rt.generate_ids([prompt], n, on_token=lambda b, t: stamps.append(time.perf_counter()), **kw, **spec)
-        return (len(stamps) - 1) / max(stamps[-1] - stamps[0], 1e-9), g
+        return first_to_last_rate(rt, prompt, n, **kw, **spec)
 
     spec = dict(draft_loops=draft_loops, lookahead=lookahead, approximate=approximate) if draft_loops else {}
     timed(**spec)  # warm both paths' shapes

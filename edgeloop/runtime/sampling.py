@@ -70,10 +70,12 @@ def dense(order: np.ndarray, p: np.ndarray, vocab: int) -> np.ndarray:
 def choose(logits: np.ndarray, seen: list[int], rng: np.random.Generator, temperature: float = 0.0,
            top_k: int = 0, top_p: float = 1.0, repetition_penalty: float = 1.0) -> int:
     """The next token from one row of logits [V], drawn from distribution() (greedy: its argmax)."""
-    order, p = distribution(logits, seen, temperature, top_k, top_p, repetition_penalty)
-    if temperature <= 0:
-        return int(order[0])
-    return int(order[rng.choice(len(order), p=p)])
+    return draw(*distribution(logits, seen, temperature, top_k, top_p, repetition_penalty), rng, temperature <= 0)
+
+
+def draw(order: np.ndarray, p: np.ndarray, rng: np.random.Generator, greedy: bool) -> int:
+    """A token from distribution()'s (ids, probabilities): greedy, its argmax (rng untouched); else a draw."""
+    return int(order[0]) if greedy else int(order[rng.choice(len(order), p=p)])
 
 
 def acceptance(p: np.ndarray, q: np.ndarray, token: int) -> float:

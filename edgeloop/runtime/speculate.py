@@ -38,7 +38,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from edgeloop.runtime.sampling import acceptance, choose, dense, distribution, residual
+from edgeloop.runtime.sampling import acceptance, choose, dense, distribution, draw, residual
 from edgeloop.runtime.session import RuntimeInputError
 
 MAX_LOOKAHEAD = 64  # the most drafts one verification call checks
@@ -53,7 +53,8 @@ FLAT = 0.03  # auto: lookaheads projected within this share of the best count as
 class Speculation:
     """What self-speculation did: the draft depth d and lookahead k, verification calls (rounds), drafted and
     kept tokens, the loops every call ran (a verification call counts R once: it reads the weights once for its
-    k + 1 tokens), the new tokens after the first (which the prompt's prefill gives), and `auto`: the
+    k + 1 tokens), the new tokens emitted after the first (which the prompt's prefill gives; generate_row counts
+    them), and `auto`: the
     calibration that chose (d, k), when asked for."""
     draft_loops: int
     lookahead: int
@@ -180,7 +181,7 @@ class Decoder:
             st.draft_calls += 1
             st.loops_run += _loops_of(rt, self.d, 0)
             order, p = distribution(dl[0, -1], seen + [t] + drafts, **sp)
-            y = int(order[0]) if self.greedy else int(order[self.rng.choice(len(order), p=p)])
+            y = draw(order, p, self.rng, self.greedy)
             drafts.append(y)
             if not self.greedy:
                 qs.append(dense(order, p, rt.vocab_size))
@@ -209,7 +210,6 @@ class Decoder:
             nxt = choose(vl[0, a], seen + [t] + drafts, self.rng, **sp)
         st.accepted += a
         kept = drafts[:a] + [nxt]
-        st.tokens += len(kept)
         self.last_loops = [_loops_of(rt, self.R, i) for i in range(len(kept))]
         self.past = vpast if a == len(drafts) else truncate(rt, vpast, N + 1 + a, self.in_place)
         self.length = N + 1 + a
@@ -226,9 +226,9 @@ def generate_row(rt, prompt: list[int], max_new_tokens: int, R: int, d: int | st
     `past`: empty pasts, or in-place buffers of `room` tokens (at least len(prompt) + max_new_tokens)."""
     new: list[int] = []
     loops: list[int] = []
-    if max_new_tokens == 0 or len(prompt) >= rt.ctx:
-        return new, "length" if max_new_tokens == 0 else "context", loops, Speculation(0 if d == "auto" else d, k, R)
     dec = Decoder(rt, R, 0 if d == "auto" else d, k, q, sampling, rng, stops, past, in_place, draft_min_prob)
+    if max_new_tokens == 0 or len(prompt) >= rt.ctx:
+        return new, "length" if max_new_tokens == 0 else "context", loops, dec.stats
     first, logits = dec.prefill(prompt)
     adapt = None
     if d == "auto":
