@@ -90,7 +90,7 @@ class Layout:
                        str(kv.get("dtype", "float32")), str(kv.get("policy", "per-step")))
         c = m["config"]
         return cls(int(c["n_begin"]), int(c["n_middle"]), int(c["n_end"]), int(m["num_loops"]), int(c["n_kv_heads"]),
-                   int(c["d_model"]) // int(c["n_heads"]))
+                   int(c.get("attn_head_dim") or int(c["d_model"]) // int(c["n_heads"])))
 
     @property
     def shared(self) -> bool:

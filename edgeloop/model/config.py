@@ -23,8 +23,8 @@ REQUIRED_FIELDS = ("model_type", "vocab_size", "d_model", "n_heads", "n_kv_heads
 # Upper limits of the sizes a config sets. A config sizes memory and work before a tensor is read (the meta model,
 # the rotary tables, KV layouts, the ONNX graph's loop routing), so a typo such as num_loops 10^9 must fail here,
 # not allocate; each bound is far past any released looped LM (Huginn-3.5B: d 5280, 8 unique layers, r 32-132).
-LIMITS = {"vocab_size": 1 << 24, "d_model": 1 << 16, "n_heads": 4096, "n_kv_heads": 4096, "n_begin": 1024,
-          "n_middle": 1024, "n_end": 1024, "num_loops": 4096, "max_loops": 4096, "mlp_hidden": 1 << 20,
+LIMITS = {"vocab_size": 1 << 24, "d_model": 1 << 16, "n_heads": 4096, "n_kv_heads": 4096, "attn_head_dim": 1 << 16,
+          "n_begin": 1024, "n_middle": 1024, "n_end": 1024, "num_loops": 4096, "max_loops": 4096, "mlp_hidden": 1 << 20,
           "max_seq_len": 1 << 21, "n_streams": 64, "sinkhorn_iters": 1000}
 ROPE_TABLE_LIMIT = 1 << 26  # max_seq_len * head_dim: each rotary table is about this many fp32 entries at most
 STR_FIELDS = ("kv_policy", "kv_dtype", "collapse") + PIECE_FIELDS
@@ -40,6 +40,7 @@ class HyperloopConfig:
     d_model: int = 256
     n_heads: int = 4
     n_kv_heads: int = 2
+    attn_head_dim: int = 0  # width of one attention head: 0 = d_model / n_heads (Nanbeige4.2: 128, not 3072/48)
     n_begin: int = 2
     n_middle: int = 2
     n_end: int = 2
@@ -78,7 +79,7 @@ class HyperloopConfig:
     # ---- derived -----------------------------------------------------------------
     @property
     def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+        return self.attn_head_dim or self.d_model // self.n_heads
 
     @property
     def effective_layers(self) -> int:
@@ -120,7 +121,7 @@ class HyperloopConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise bad(name, "must be a positive integer")
-        for name in ("n_begin", "n_middle", "n_end", "max_loops"):
+        for name in ("n_begin", "n_middle", "n_end", "max_loops", "attn_head_dim"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise bad(name, "must be a non-negative integer")
@@ -152,8 +153,8 @@ class HyperloopConfig:
             raise bad("norm_each_loop", "needs hc 'none' and excludes post_loop_norm")
         if self.collapse not in COLLAPSES:
             raise bad("collapse", f"must be one of {COLLAPSES}")
-        if self.d_model % self.n_heads:
-            raise bad("n_heads", f"must divide d_model={self.d_model}")
+        if not self.attn_head_dim and self.d_model % self.n_heads:
+            raise bad("n_heads", f"must divide d_model={self.d_model} (or set attn_head_dim)")
         if self.head_dim % 2:
             raise bad("n_heads", "head_dim must be even for rotary embeddings")
         if self.max_seq_len * self.head_dim > ROPE_TABLE_LIMIT:
