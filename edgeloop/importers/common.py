@@ -254,6 +254,42 @@ class Safetensors:
                             raise self.err(f"{path}: tensor '{n}' cannot be read ({e})") from None
 
 
+def mapped_header(folder: Path, st: "Safetensors", cfg: HyperloopConfig, names: dict[str, str],
+                  err: type[ImporterError], ignored: list[str] = (), why_extra: Callable[[str], str] = lambda n: ""
+                  ) -> Header:
+    """The output header of a folder whose tensors are exactly `names` (theirs -> edgeloop) besides `ignored`,
+    each shaped as `cfg` says; else one line naming the first missing, unexpected or misshapen tensor."""
+    from edgeloop.model.checkpoint import expected_tensors
+
+    have = set(st.header) - set(ignored)
+    missing, extra = sorted(set(names) - have), sorted(have - set(names))
+    if missing:
+        raise err(f"{folder}: tensor '{missing[0]}' is missing ({len(missing)} missing in all)")
+    if extra:
+        raise err(f"{folder}: unexpected tensor '{extra[0]}'{why_extra(extra[0])} ({len(extra)} unexpected in all)")
+    want = expected_tensors(cfg)
+    header = {}
+    for theirs, mine in names.items():
+        shape = st.header[theirs][1]
+        if shape != want[mine]:
+            raise err(f"{folder}: tensor '{theirs}' has shape {shape}; config.json says {want[mine]}")
+        header[mine] = (st.dtype(theirs), shape)
+    return header
+
+
+def tokenizer_files(folder: Path, cfg: HyperloopConfig, err: type[ImporterError], names: tuple[str, ...]
+                    ) -> tuple[dict[str, bytes], Path | None]:
+    """The tokenizer files among `names` that the folder has, and its tokenizer.json (checked: it loads and
+    has no more tokens than the model's vocabulary)."""
+    files = {f: (folder / f).read_bytes() for f in names if (folder / f).is_file()}
+    tok = folder / "tokenizer.json" if "tokenizer.json" in files else None
+    if tok is not None:
+        n = tokenizer_vocab(tok, err)
+        if n > cfg.vocab_size:
+            raise err(f"{tok}: the tokenizer has {n} tokens; the model's vocab_size is {cfg.vocab_size}")
+    return files, tok
+
+
 # ---- tokenizer files and the card -----------------------------------------------------------------
 def tokenizer_vocab(path: Path, err: type[ImporterError]) -> int:
     """Tokens (with added ones) of a tokenizer.json, which must load."""
@@ -263,6 +299,26 @@ def tokenizer_vocab(path: Path, err: type[ImporterError]) -> int:
         return Tokenizer.from_file(str(path)).get_vocab_size(with_added_tokens=True)
     except Exception as e:  # tokenizers raises a bare Exception on bad JSON
         raise err(f"{path}: cannot be read as a tokenizer ({str(e).splitlines()[0]})") from None
+
+
+def generation_config(folder: Path, raw: dict, tokenizer: Path | None, err: type[ImporterError],
+                      chat_end: str | None = None) -> bytes:
+    """generation_config.json for the edgeloop folder: the source's (or config.json's bos / eos / pad), with
+    the tokenizer's `chat_end` token (a chat turn's end) added to the eos tokens where it has one."""
+    src = folder / "generation_config.json"
+    gen = read_json(src, err) if src.is_file() else \
+        {k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if raw.get(k) is not None}
+    eos = gen.get("eos_token_id")
+    eos = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
+    if tokenizer is not None and chat_end:
+        from tokenizers import Tokenizer
+
+        end = Tokenizer.from_file(str(tokenizer)).token_to_id(chat_end)
+        if end is not None and end not in eos:
+            eos.append(end)
+    if eos:
+        gen["eos_token_id"] = eos
+    return (json.dumps(gen, indent=2) + "\n").encode()
 
 
 def card(title: str, source_line: str, rows: list[tuple[str, str]], tags: list[str]) -> str:

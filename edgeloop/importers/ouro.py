@@ -16,11 +16,10 @@ scaling, attention biases and other activations are refused by name.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-from edgeloop.importers.common import (HFImporter, ImporterError, Safetensors, Source, card, read_json, register,
-                                       tokenizer_vocab)
+from edgeloop.importers.common import (HFImporter, ImporterError, Safetensors, Source, card, generation_config,
+                                       mapped_header, read_json, register, tokenizer_files)
 from edgeloop.model.config import ConfigError, HyperloopConfig
 
 MODEL_TYPE = "ouro"
@@ -93,25 +92,6 @@ def key_map(cfg: HyperloopConfig) -> dict[str, str]:
     return m
 
 
-def generation(folder: Path, raw: dict, tokenizer: Path | None) -> bytes:
-    """generation_config.json for the edgeloop folder: the source's (or config.json's bos / eos / pad), with
-    <|im_end|> added to the eos tokens where the tokenizer has it (chat turns end there)."""
-    src = folder / "generation_config.json"
-    gen = read_json(src, OuroImportError) if src.is_file() else \
-        {k: raw[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if raw.get(k) is not None}
-    eos = gen.get("eos_token_id")
-    eos = [] if eos is None else list(eos) if isinstance(eos, list) else [eos]
-    if tokenizer is not None:
-        from tokenizers import Tokenizer
-
-        end = Tokenizer.from_file(str(tokenizer)).token_to_id(CHAT_END)
-        if end is not None and end not in eos:
-            eos.append(end)
-    if eos:
-        gen["eos_token_id"] = eos
-    return (json.dumps(gen, indent=2) + "\n").encode()
-
-
 @register
 class Ouro(HFImporter):
     name = model_type = MODEL_TYPE
@@ -124,29 +104,10 @@ class Ouro(HFImporter):
         names = key_map(cfg)
         ignored = sorted(n for n in st.header if n.endswith("rotary_emb.inv_freq")
                          or (cfg.tie_embeddings and n == "lm_head.weight"))
-        have = set(st.header) - set(ignored)
-        missing, extra = sorted(set(names) - have), sorted(have - set(names))
-        if missing:
-            raise OuroImportError(f"{folder}: tensor '{missing[0]}' is missing ({len(missing)} missing in all)")
-        if extra:
-            why = " (an attention bias: not in Ouro)" if extra[0].endswith(".bias") else ""
-            raise OuroImportError(f"{folder}: unexpected tensor '{extra[0]}'{why} ({len(extra)} unexpected in all)")
-        from edgeloop.model.checkpoint import expected_tensors
-
-        want = expected_tensors(cfg)
-        header = {}
-        for theirs, mine in names.items():
-            shape = st.header[theirs][1]
-            if shape != want[mine]:
-                raise OuroImportError(f"{folder}: tensor '{theirs}' has shape {shape}; config.json says {want[mine]}")
-            header[mine] = (st.dtype(theirs), shape)
-        files = {f: (folder / f).read_bytes() for f in COPIED if (folder / f).is_file()}
-        tok = folder / "tokenizer.json" if "tokenizer.json" in files else None
-        if tok is not None:
-            n = tokenizer_vocab(tok, OuroImportError)
-            if n > cfg.vocab_size:
-                raise OuroImportError(f"{tok}: the tokenizer has {n} tokens; the model's vocab_size is {cfg.vocab_size}")
-        files["generation_config.json"] = generation(folder, raw, tok)
+        header = mapped_header(folder, st, cfg, names, OuroImportError, ignored,
+                               lambda n: " (an attention bias: not in Ouro)" if n.endswith(".bias") else "")
+        files, tok = tokenizer_files(folder, cfg, OuroImportError, COPIED)
+        files["generation_config.json"] = generation_config(folder, raw, tok, OuroImportError, CHAT_END)
         dtypes = sorted({str(dt).removeprefix("torch.") for dt, _ in header.values()})
         files["README.md"] = card(f"{folder.resolve().name}, imported", (
             f"Imported by `edgeloop import` from the Hugging Face `ouro` folder `{folder.resolve()}` (Ouro, arXiv "
