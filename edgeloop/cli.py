@@ -243,7 +243,8 @@ def quantize(
                                                       help="quantize the embedding (and a tied lm_head); default on"),
     embedding_bits: int = typer.Option(8, help="bits of a quantized embedding: 8 (default) or 4"),
     quantize_lm_head: Optional[bool] = typer.Option(None, "--quantize-lm-head/--keep-lm-head",
-                                                    help="INT4 an untied lm_head"),
+                                                    help="quantize an untied lm_head; default on"),
+    lm_head_bits: int = typer.Option(8, help="bits of a quantized untied lm_head: 8 (default, RTN) or 4 (--method)"),
     quantize_hc: bool = typer.Option(False, "--quantize-hc", help="INT4 the hyper-connection matrices too (to measure)"),
     calib_text: Optional[Path] = typer.Option(None, help="gptq: UTF-8 calibration text (default: demo corpus train "
                                               "split)"),
@@ -270,7 +271,7 @@ def quantize(
         calib = {}
     shared = {"quantize_embedding": quantize_embedding, "quantize_lm_head": quantize_lm_head}
     q = quant_config(method, bits=bits, group_size=group_size, sym=sym, scale_dtype=scale_dtype, keep_dtype=keep_dtype,
-                     quantize_hc=quantize_hc, embedding_bits=embedding_bits,
+                     quantize_hc=quantize_hc, embedding_bits=embedding_bits, lm_head_bits=lm_head_bits,
                      **{k: v for k, v in {**shared, **calib}.items() if v is not None})
     with temporary_checkpoint(in_dir, out_dir, overwrite) as src:  # a foreign folder is imported first
         r = quantize_checkpoint(src, out_dir, q, overwrite=overwrite, progress=not as_json)

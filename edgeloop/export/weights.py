@@ -190,8 +190,10 @@ class Weights:
         return g.Add(y, self.float_constant(g, f"{module}.bias", t.float().numpy(), t.dtype == torch.float16))
 
     def bits(self, module: str) -> int:
-        """Code width of a quantized module (the quantize stage's rule: the embedding at embedding_bits)."""
-        return tensor_bits(f"{module}.weight", (self.q or {}).get("embedding_bits"))
+        """Code width of a quantized module (the quantize stage's rule: the embedding at embedding_bits, an
+        untied lm_head at lm_head_bits)."""
+        q = self.q or {}
+        return tensor_bits(f"{module}.weight", q.get("embedding_bits"), q.get("lm_head_bits"))
 
     def _qparts(self, module: str):
         """(qweight [N, nb, G*bits/8], scales [N, nb], qzeros or None, bits, G) of a quantized module."""

@@ -6,7 +6,8 @@ Policy (which stored tensor becomes INT4, and why the others are kept); the role
     linear     every block linear (attention q/k/v/out, MLP up/gate/down), the injection   -> INT4 always
     embedding  embed.weight [V, d]                      -> INT8 (embedding_bits) iff quantize_embedding (default;
                also the tied lm_head: GatherBlockQuantized and MatMulNBits read the same bytes)
-    lm_head    lm_head.weight [V, d] (untied only)      -> INT4 iff quantize_lm_head
+    lm_head    lm_head.weight [V, d] (untied only)      -> INT8 (lm_head_bits, RTN) iff quantize_lm_head (default;
+               INT4 by the algorithm at lm_head_bits 4)
     hc         per-loop hyper-connection matrices and loop_embed -> INT4 iff quantize_hc;
                the hc scalars and vectors (a_*, b_*, lanes) are always kept (too small to group)
     norm, bias every RMSNorm weight and linear bias     -> always kept
@@ -49,7 +50,8 @@ class QuantConfig:
     keep_dtype: str = "float32"  # dtype of tensors kept unquantized
     quantize_embedding: bool = True  # default defended by measurement: benchmarks/bench_quantize.py
     embedding_bits: int = 8  # 8: +0.01 % drift on the demo; 4: +1.1 % (the tied lm_head is most of it)
-    quantize_lm_head: bool = False
+    quantize_lm_head: bool = True  # an untied lm_head: [V, d] is a large share of a small model's file
+    lm_head_bits: int = 8  # 8: RTN, near-lossless, the fp32 head's quarter; 4: INT4 by the algorithm (GPTQ / RTN)
     quantize_hc: bool = False  # only to measure what keeping hyper-connections buys
 
     def validate(self) -> "QuantConfig":
@@ -57,6 +59,8 @@ class QuantConfig:
             raise QuantizeError(f"bits={self.bits} is not supported (edgeloop quantizes to 4 bits only)")
         if self.embedding_bits not in EMBEDDING_BITS:
             raise QuantizeError(f"embedding_bits={self.embedding_bits} must be 4 or 8")
+        if self.lm_head_bits not in EMBEDDING_BITS:
+            raise QuantizeError(f"lm_head_bits={self.lm_head_bits} must be 4 or 8")
         if self.group_size not in GROUP_SIZES:
             raise QuantizeError(f"group_size={self.group_size} must be one of {GROUP_SIZES}")
         if self.scale_dtype not in SCALE_DTYPES:
@@ -171,8 +175,9 @@ def tensor_policy(name: str, info: Tensor, cfg: HyperloopConfig, q: QuantConfig)
         return False, f"embedding{tied} kept (--keep-embedding)"
     if info.role == "lm_head":
         if q.quantize_lm_head:
-            return True, f"lm_head, INT4 {q.algorithm} (--quantize-lm-head)"
-        return False, "lm_head kept (default; --quantize-lm-head to change)"
+            how = "rtn" if q.lm_head_bits == 8 else q.algorithm
+            return True, f"lm_head, INT{q.lm_head_bits} {how} (default; --keep-lm-head to change)"
+        return False, "lm_head kept (--keep-lm-head)"
     if info.quantizable:  # hyper-connection matrices and loop embeddings
         if q.quantize_hc:
             return True, "hyper-connection matrix, INT4 rtn (--quantize-hc)"
@@ -180,9 +185,12 @@ def tensor_policy(name: str, info: Tensor, cfg: HyperloopConfig, q: QuantConfig)
     return False, "hyper-connection scalar/vector (always kept: too small to group)"
 
 
-def tensor_bits(name: str, embedding_bits: int | None) -> int:
-    """Code width of a quantized tensor: the embedding (and tied lm_head) at embedding_bits, the rest 4."""
-    return (embedding_bits or 4) if name == "embed.weight" else 4
+def tensor_bits(name: str, embedding_bits: int | None, lm_head_bits: int | None = None) -> int:
+    """Code width of a quantized tensor: the embedding (and tied lm_head) at embedding_bits, an untied lm_head at
+    lm_head_bits (None: 4, what a checkpoint without the field holds), the rest 4."""
+    if name == "embed.weight":
+        return embedding_bits or 4
+    return (lm_head_bits or 4) if name == "lm_head.weight" else 4
 
 
 def check_group(name: str, shape: tuple[int, ...], info: Tensor, group_size: int) -> None:
@@ -225,6 +233,7 @@ def quantization_config(q: QuantConfig, quantized: list[str], kept: list[str], c
         "quantize_embedding": q.quantize_embedding,
         "embedding_bits": q.embedding_bits if q.quantize_embedding else None,
         "quantize_lm_head": q.quantize_lm_head,
+        "lm_head_bits": q.lm_head_bits if q.quantize_lm_head else None,
         "quantize_hc": q.quantize_hc,
         "modules_to_convert": sorted(prefix(n) for n in quantized),
         "modules_not_converted": sorted(prefix(n) for n in kept),
@@ -238,7 +247,8 @@ def describe(name: str, shape: tuple[int, ...], cfg: HyperloopConfig, qc: dict |
     its quantization_config) what was done, for a float one what the default settings would do."""
     for part in ("qweight", "scales", "qzeros"):
         if name.endswith("." + part):
-            bits = (qc or {}).get("embedding_bits") or 4 if name.startswith("embed.") else 4
+            bits = tensor_bits(prefix(name) + ".weight", (qc or {}).get("embedding_bits"),
+                               (qc or {}).get("lm_head_bits"))
             return f"INT{bits} {part} (G={qc['group_size'] if qc else '?'})"
     cls = CONFIGS.get((qc or {}).get("algorithm"), RTNConfig)
     fields = {f.name for f in dataclasses.fields(cls)}

@@ -64,8 +64,8 @@ def _rtn(w: torch.Tensor, cfg: QuantConfig) -> tuple:
     return rtn(w, cfg.group_size, cfg.sym, cfg.scale_dtype)
 
 
-def _replace_linear(model: Hyperloop, name: str, packed: tuple, cfg: QuantConfig) -> None:
-    mod = QuantLinear(*packed, cfg.group_size, cfg.sym, bias=model.get_submodule(name).bias)
+def _replace_linear(model: Hyperloop, name: str, packed: tuple, cfg: QuantConfig, bits: int = 4) -> None:
+    mod = QuantLinear(*packed, cfg.group_size, cfg.sym, bits, bias=model.get_submodule(name).bias)
     if cfg.algorithm == "gptq":
         mod.cache(True)  # calibration calls it many times; dropped at the end
     set_module(model, name, mod)
@@ -184,6 +184,12 @@ def quantize_(model: Hyperloop, cfg: QuantConfig, calib_ids: torch.Tensor | np.n
         step("hyper-connections", len(quantize_hc_params(model, cfg, hc)))
     block, inputs = None, []
     for group in linear_groups(table, set(quant)):
+        if group == ["lm_head"] and cfg.lm_head_bits == 8:  # INT8: RTN is near-lossless, no calibration needed
+            w = model.lm_head.weight
+            _replace_linear(model, "lm_head", rtn(w, cfg.group_size, cfg.sym, cfg.scale_dtype, 8), cfg, 8)
+            layers.append({"name": "lm_head", "algorithm": "rtn", "bits": 8})
+            step("lm_head", 1)
+            continue
         if cfg.algorithm == "rtn":
             for name in group:
                 _replace_linear(model, name, _rtn(model.get_submodule(name).weight, cfg), cfg)

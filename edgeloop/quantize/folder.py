@@ -59,7 +59,7 @@ def output_header(inputs: dict[str, tuple[torch.dtype, tuple[int, ...]]], quant:
     for name, (_, shape) in inputs.items():
         if name in quant:
             wshape = row_shape(shape, table[name])
-            bits = tensor_bits(name, q.embedding_bits)
+            bits = tensor_bits(name, q.embedding_bits, q.lm_head_bits)
             for part, s in packed_shapes(wshape, q.group_size, q.sym, bits).items():
                 out[f"{prefix(name)}.{part}"] = (SCALE_TORCH[q.scale_dtype] if part == "scales" else torch.uint8, s)
         else:
@@ -79,7 +79,7 @@ def rtn_tensor(name: str, w: torch.Tensor, q: QuantConfig, cfg: HyperloopConfig)
     """Packed RTN of one stored tensor, as rows [..., N, K] (hc matrices [r, K, N] as w[l]^T). Rows are
     independent (groups run along K), so a large matrix is done a chunk of rows at a time: the same bytes,
     without several float copies of the whole tensor alive at once."""
-    rows, bits = as_rows(w, roles(cfg)[name]), tensor_bits(name, q.embedding_bits)
+    rows, bits = as_rows(w, roles(cfg)[name]), tensor_bits(name, q.embedding_bits, q.lm_head_bits)
     if rows.ndim != 2 or rows.numel() <= RTN_CHUNK_ELEMENTS:
         return rtn(rows.float(), q.group_size, q.sym, q.scale_dtype, bits)
     step = max(1, RTN_CHUNK_ELEMENTS // rows.shape[1])
@@ -277,7 +277,7 @@ def load_quantized(path: str | os.PathLike) -> Hyperloop:
     qc = read_config(path).get("quantization_config")
     cfg = load_config(path)
     keys = set(check_quantized_header(path, cfg, qc))  # quantization_config and every header, before any data
-    G, sym, emb_bits = qc["group_size"], qc["sym"], qc.get("embedding_bits") or 4
+    G, sym, emb_bits, head_bits = qc["group_size"], qc["sym"], qc.get("embedding_bits") or 4, qc.get("lm_head_bits")
     st = path / "model.safetensors"
     model, table = meta_model(cfg), roles(cfg)
     model.int4_params = {}
@@ -289,16 +289,17 @@ def load_quantized(path: str | os.PathLike) -> Hyperloop:
             if f"{p}.qweight" in keys:
                 wshape = row_shape(shape, table[name])
                 parts = {}
-                for part in packed_shapes(wshape, G, sym, tensor_bits(name, emb_bits)):
+                bits = tensor_bits(name, emb_bits, head_bits)
+                for part in packed_shapes(wshape, G, sym, bits):
                     parts[part] = read_tensor(f, f"{p}.{part}", st)
                     check_finite(f"{p}.{part}", parts[part])
                 packed = (parts["qweight"], parts["scales"], parts.get("qzeros"))
                 role = table[name].role
                 if role in ("linear", "lm_head"):  # a bias placeholder, loaded with the kept tensors below
                     bias = torch.empty(shape[0]) if f"{p}.bias" in want else None
-                    set_module(model, p, QuantLinear(*packed, G, sym, bias=bias))
+                    set_module(model, p, QuantLinear(*packed, G, sym, bits, bias=bias))
                 elif role == "embedding":
-                    set_module(model, p, QuantEmbedding(*packed, G, sym, tensor_bits(name, emb_bits)))
+                    set_module(model, p, QuantEmbedding(*packed, G, sym, bits))
                 else:  # hc matrix / loop embedding: dequantized into the parameter
                     state[name] = as_rows(dequantize(*packed, G, sym), table[name]).contiguous()
                     model.int4_params[name] = packed

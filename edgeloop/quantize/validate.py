@@ -35,8 +35,9 @@ def quantization_problem(path: Path, qc) -> str | None:
     if qc.get("bits") != 4 or qc.get("group_size") not in GROUP_SIZES or not isinstance(qc.get("sym"), bool):
         return (f"{where} bits/group_size/sym are not supported ({qc.get('bits')!r}, {qc.get('group_size')!r}, "
                 f"{qc.get('sym')!r}; 4, one of {GROUP_SIZES}, true/false)")
-    if qc.get("embedding_bits") not in (None, *EMBEDDING_BITS):
-        return f"{where}.embedding_bits = {qc.get('embedding_bits')!r} (4 or 8)"
+    for key in ("embedding_bits", "lm_head_bits"):
+        if qc.get(key) not in (None, *EMBEDDING_BITS):
+            return f"{where}.{key} = {qc.get(key)!r} (4 or 8)"
     if qc.get("scale_dtype", "float16") not in SCALE_DTYPES:
         return f"{where}.scale_dtype = {qc.get('scale_dtype')!r} (one of {SCALE_DTYPES})"
     return None
@@ -45,7 +46,7 @@ def quantization_problem(path: Path, qc) -> str | None:
 def quantized_problems(st: Path, header: Header, cfg: HyperloopConfig, qc: dict) -> list[str]:
     """Every way the header of `st` is not a quantized checkpoint of `cfg` under `qc`, one line each: each
     stored tensor either under its own name in float or as its packed parts in the packed layout."""
-    G, sym, emb_bits = qc["group_size"], qc["sym"], qc.get("embedding_bits") or 4
+    G, sym, emb_bits, head_bits = qc["group_size"], qc["sym"], qc.get("embedding_bits") or 4, qc.get("lm_head_bits")
     scale_dt = SCALE_NAMES[qc.get("scale_dtype", "float16")]
     table, out, used = roles(cfg), [], set()
     want = expected_tensors(cfg)
@@ -59,7 +60,7 @@ def quantized_problems(st: Path, header: Header, cfg: HyperloopConfig, qc: dict)
             if wshape[-1] % G:
                 out.append(f"{st}: tensor '{p}.qweight': K={wshape[-1]} of '{name}' is not divisible by group_size {G}")
                 continue
-            for part, s in packed_shapes(wshape, G, sym, tensor_bits(name, emb_bits)).items():
+            for part, s in packed_shapes(wshape, G, sym, tensor_bits(name, emb_bits, head_bits)).items():
                 got = header.get(f"{p}.{part}")
                 dt = scale_dt if part == "scales" else "U8"
                 if got is None:

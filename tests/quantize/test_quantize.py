@@ -307,3 +307,31 @@ def test_calibration_settings_are_gptq_only(work, tmp_path, monkeypatch, capsys)
                              "32", "--calib-samples", "4", "--json")  # the CLI keeps the flag: ignored, said so
     assert code == 0 and "--calib-samples: calibration settings, ignored by --method rtn" in err
     assert json.loads(out)["settings"]["calib_samples"] is None
+
+
+@pytest.mark.parametrize("head_bits", [8, 4, None], ids=["int8-default", "int4", "kept"])
+def test_untied_lm_head_int8_by_default_and_exported(tmp_path, tok, head_bits):
+    """An untied lm_head is INT8 (RTN) by default, INT4 by the algorithm at lm_head_bits 4, kept with
+    --keep-lm-head; the export reads the width from quantization_config and passes its parity check."""
+    from edgeloop.export import ExportConfig, export_checkpoint
+
+    m = perturbed("test-static")
+    assert not m.cfg.tie_embeddings
+    save_checkpoint(m, tmp_path / "ck", tokenizer=tok)
+    q = RTNConfig(group_size=16) if head_bits == 8 else \
+        RTNConfig(group_size=16, lm_head_bits=4) if head_bits == 4 else RTNConfig(group_size=16, quantize_lm_head=False)
+    rep = quantize_checkpoint(tmp_path / "ck", tmp_path / "q", q, progress=False)
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    st = load_file(str(tmp_path / "q" / "model.safetensors"))
+    if head_bits is None:
+        assert "lm_head.weight" in rep["kept"] and "lm_head.weight" in st and qc["lm_head_bits"] is None
+    else:
+        assert f"INT{head_bits}" in rep["quantized"]["lm_head.weight"] and qc["lm_head_bits"] == head_bits
+        V, d = m.lm_head.weight.shape
+        assert st["lm_head.qweight"].shape == (V, d // 16, 16 * head_bits // 8)  # one code per byte at 8 bits
+        back = load_checkpoint(tmp_path / "q")
+        assert isinstance(back.lm_head, QuantLinear) and back.lm_head.bits == head_bits
+        err = (back.lm_head.weight if hasattr(back.lm_head, "weight") else back.lm_head.dequantized()) - m.lm_head.weight
+        assert err.abs().max() < (0.01 if head_bits == 8 else 0.2)
+    x = export_checkpoint(tmp_path / "q", tmp_path / "x", ExportConfig(decode_steps=2))
+    assert x["parity"]["max_abs_err"] <= 1e-3
