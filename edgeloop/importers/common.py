@@ -280,13 +280,18 @@ def mapped_header(folder: Path, st: "Safetensors", cfg: HyperloopConfig, names: 
 def tokenizer_files(folder: Path, cfg: HyperloopConfig, err: type[ImporterError], names: tuple[str, ...]
                     ) -> tuple[dict[str, bytes], Path | None]:
     """The tokenizer files among `names` that the folder has, and its tokenizer.json (checked: it loads and
-    has no more tokens than the model's vocabulary)."""
+    has no more tokens than the model's vocabulary). tokenizer_config.json is optional in transformers (a
+    fast tokenizer with defaults): where only tokenizer.json is there, the import writes that default."""
     files = {f: (folder / f).read_bytes() for f in names if (folder / f).is_file()}
     tok = folder / "tokenizer.json" if "tokenizer.json" in files else None
     if tok is not None:
         n = tokenizer_vocab(tok, err)
         if n > cfg.vocab_size:
             raise err(f"{tok}: the tokenizer has {n} tokens; the model's vocab_size is {cfg.vocab_size}")
+        if "tokenizer_config.json" in names and "tokenizer_config.json" not in files:
+            files["tokenizer_config.json"] = (json.dumps(
+                {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": cfg.max_seq_len,
+                 "clean_up_tokenization_spaces": False}, indent=2) + "\n").encode()
     return files, tok
 
 

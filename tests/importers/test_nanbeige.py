@@ -143,3 +143,16 @@ def test_cli_import_and_loop_loss_weights(tmp_path, monkeypatch, capsys):
     code, out, err = run_cli(monkeypatch, capsys, "import", src, "-o", tmp_path / "el", "--json")
     assert code == 0, err
     assert json.loads(out)["num_loops"] == 3  # len(loop_loss_weights) + 1, as the reference runs it
+
+
+def test_a_folder_without_tokenizer_config_gets_the_default(tmp_path):
+    """tokenizer_config.json is optional in transformers: the import writes the default beside tokenizer.json,
+    so `run` and `export` of the folder both find a complete tokenizer."""
+    from tokenizers import Tokenizer, models
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(300)}, unk_token="t0"))
+    src = write_nanbeige(tmp_path / "hf", shards=1, tokenizer=tok)
+    import_folder(src, tmp_path / "el")
+    got = json.loads((tmp_path / "el" / "tokenizer_config.json").read_text())
+    assert got["tokenizer_class"] == "PreTrainedTokenizerFast" and got["model_max_length"] == CFG["max_position_embeddings"]
+    assert not (src / "tokenizer_config.json").exists()
