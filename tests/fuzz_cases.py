@@ -92,9 +92,10 @@ POSITIVE = ("vocab_size", "d_model", "n_heads", "n_kv_heads", "num_loops", "mlp_
 NON_NEGATIVE = ("n_begin", "n_end", "max_loops")
 RESIZERS = ("vocab_size", "d_model", "mlp_hidden", "n_begin", "n_middle", "n_end", "n_kv_heads", "n_heads")
 BOOL_FLIPS = ("tie_embeddings", "middle_norm", "loop_embedding", "embed_norm", "qk_bias", "exit_gate")  # change
-BOOLS = BOOL_FLIPS + ("qk_norm", "rope_bf16", "post_loop_norm", "norm_each_loop")  # the tensors or are refused
+BOOLS = BOOL_FLIPS + ("qk_norm", "rope_bf16", "post_loop_norm", "norm_each_loop",  # the tensors or are refused
+                      "qk_norm_full")
 STRINGS = ("kv_policy", "kv_dtype", "collapse", "block", "mlp", "rotary", "hc", "injection")
-FLOATS = ("rope_theta", "norm_eps", "embed_scale", "logit_softcap", "early_exit_threshold")
+FLOATS = ("rope_theta", "norm_eps", "embed_scale", "logit_softcap", "early_exit_threshold", "init_std")
 
 
 def bad_config_values(st):
@@ -128,8 +129,8 @@ def bad_config_values(st):
 
 KNOWN_FIELDS = set(BASE.to_dict()) | {"architectures", "quantization_config"}
 KNOWN_STRINGS = {"per-step", "shared", "float32", "float16", "mean", "sum", "prenorm", "sandwich", "prepost",
-                 "swiglu", "relu2", "geglu", "half", "interleaved", "neox", "dynamic", "static", "none", "passthrough",
-                 "additive", "inject", "adapter"}
+                 "postnorm", "swiglu", "relu2", "geglu", "half", "interleaved", "neox", "dynamic", "static", "none",
+                 "passthrough", "additive", "inject", "adapter"}
 
 
 # ---- model.safetensors ----------------------------------------------------------------------------------------

@@ -28,6 +28,10 @@ LIMITS = {"vocab_size": 1 << 24, "d_model": 1 << 16, "n_heads": 4096, "n_kv_head
           "max_seq_len": 1 << 21, "n_streams": 64, "sinkhorn_iters": 1000}
 ROPE_TABLE_LIMIT = 1 << 26  # max_seq_len * head_dim: each rotary table is about this many fp32 entries at most
 STR_FIELDS = ("kv_policy", "kv_dtype", "collapse") + PIECE_FIELDS
+# rope_scaling: the rotary frequency scalings (rotary.scaled_inv_freq), each with the keys it needs (transformers'
+# names, so a Hugging Face rope_scaling dict is stored as it is)
+ROPE_SCALINGS = {"none": (), "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                                        "original_max_position_embeddings")}
 
 
 class ConfigError(ValueError):
@@ -56,11 +60,14 @@ class HyperloopConfig:
     middle_norm: bool = False  # o = norm_mid(middle_block(u)) after each loop
     loop_embedding: bool = True  # dynamic only: learned per-loop vector added to u
     sinkhorn_iters: int = 20
-    block: str = "prenorm"  # block kind: "prenorm", "sandwich"
+    block: str = "prenorm"  # block kind: "prenorm", "sandwich", "prepost", "postnorm" (pieces/block.py)
     mlp: str = "swiglu"  # MLP kind: "swiglu", "relu2", "geglu"
     mlp_hidden: int = 768
     rotary: str = "half"  # rotary flavour: "half" (pairs i, i + hd/2, nanochat), "interleaved" (2i, 2i + 1)
-    qk_norm: bool = True
+    qk_norm: bool = True  # per-head RMSNorm without weight on q and k, after rotary (nanochat)
+    # RMSNorm with weight over the whole projected q and k widths (n_heads * head_dim, n_kv_heads * head_dim),
+    # before the per-head split and rotary (OLMo-2; attn.q_norm / attn.k_norm); excludes qk_norm
+    qk_norm_full: bool = False
     qk_bias: bool = False  # biases on the q and k projections (added before rotary)
     embed_norm: bool = False  # x = RMSNorm(embed(tokens))
     embed_scale: float = 1.0  # x = embed(tokens) * embed_scale (Huginn: sqrt(d))
@@ -68,9 +75,13 @@ class HyperloopConfig:
     norm_each_loop: bool = False  # final_norm after EVERY loop, fed to the next and read by the head (Ouro)
     exit_gate: bool = False  # a learned exit gate after every loop (Ouro; needs n_end = 0 and hc "none")
     early_exit_threshold: float = 1.0  # the exit gate's default threshold q (>= 1: never exit early)
+    init_std: float = 0.0  # the adapter's random start sigma at init_scale 1: 0 = sqrt(2 / (5 d_model)) (Huginn-0125)
     logit_softcap: float = 0.0  # 0 = off, else softcap * tanh(logits / softcap)
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
+    # the rotary frequencies' scaling: {"rope_type": "none"}, or {"rope_type": "llama3", "factor",
+    # "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"} (transformers' llama3 formula)
+    rope_scaling: dict[str, Any] = field(default_factory=lambda: {"rope_type": "none"})
     rope_bf16: bool = False  # round cos/sin tables to bf16 (looped-lm-scaling does)
     norm_eps: float = 1e-6
     max_seq_len: int = 512
@@ -166,7 +177,7 @@ class HyperloopConfig:
             raise bad("n_streams", "must be 1 when hc is 'none'")
         if self.hc != "none" and self.injection != "passthrough":
             raise bad("injection", "injection modes apply only to hc='none'")
-        for name in ("logit_softcap", "rope_theta", "norm_eps", "embed_scale", "early_exit_threshold"):
+        for name in ("logit_softcap", "rope_theta", "norm_eps", "embed_scale", "early_exit_threshold", "init_std"):
             v = getattr(self, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
                 raise bad(name, "must be a finite non-negative number")
@@ -174,10 +185,31 @@ class HyperloopConfig:
             if getattr(self, name) <= 0:
                 raise bad(name, "must be positive")
         for name in ("middle_norm", "loop_embedding", "qk_norm", "qk_bias", "embed_norm", "tie_embeddings", "rope_bf16",
-                     "post_loop_norm", "norm_each_loop", "exit_gate"):
+                     "post_loop_norm", "norm_each_loop", "exit_gate", "qk_norm_full"):
             if not isinstance(getattr(self, name), bool):
                 raise bad(name, "must be true or false")
+        if self.qk_norm and self.qk_norm_full:
+            raise bad("qk_norm_full", "excludes qk_norm (one QK-norm: full-width before rotary, or per head after)")
+        self._validate_rope_scaling(bad)
         return self
+
+    def _validate_rope_scaling(self, bad) -> None:
+        """rope_scaling: a JSON object with a known rope_type and exactly its keys, each a positive number."""
+        rs = self.rope_scaling
+        if not isinstance(rs, dict) or not isinstance(rs.get("rope_type"), str) or rs["rope_type"] not in ROPE_SCALINGS:
+            raise bad("rope_scaling", f"must be an object with rope_type one of {tuple(ROPE_SCALINGS)}")
+        keys = ROPE_SCALINGS[rs["rope_type"]]
+        if set(rs) != {"rope_type", *keys}:
+            raise bad("rope_scaling", f"rope_type {rs['rope_type']!r} takes exactly the keys {('rope_type', *keys)}")
+        for k in keys:
+            v = rs[k]
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+                raise bad("rope_scaling", f"'{k}' must be a finite positive number")
+        if rs["rope_type"] == "llama3":
+            if rs["low_freq_factor"] >= rs["high_freq_factor"]:
+                raise bad("rope_scaling", "low_freq_factor must be below high_freq_factor")
+            if not isinstance(rs["original_max_position_embeddings"], int):
+                raise bad("rope_scaling", "'original_max_position_embeddings' must be an integer")
 
     def to_dict(self) -> dict[str, Any]:
         d = {"model_type": "hyperloop"}

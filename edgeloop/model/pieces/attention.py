@@ -1,8 +1,10 @@
 """Causal self-attention with rotary positions, grouped-query KV heads, optional q/k biases (added
-before rotary, as nn.Linear biases) and optional QK-norm (RMSNorm without weight, after rotary).
+before rotary, as nn.Linear biases) and optional QK-norm: qk_norm, per head without weight after rotary
+(nanochat), or qk_norm_full, with weight over the whole projected width before the head split (OLMo-2).
 
-    q, k, v = c_q x, c_k x, c_v x            heads: [B, H, T, hd], [B, KV, T, hd]
-    q, k = rotary(q), rotary(k);  (q, k = rms(q), rms(k))
+    q, k, v = c_q x, c_k x, c_v x            (qk_norm_full: q, k = q_norm(q), k_norm(k) over [H*hd], [KV*hd])
+    heads: [B, H, T, hd], [B, KV, T, hd]
+    q, k = rotary(q), rotary(k);  (qk_norm: q, k = rms(q), rms(k))
     k, v = [past; k], [past; v]               (the KV cache)
     y = c_proj(softmax(q k^T / sqrt(hd) + causal mask) v)
 """
@@ -16,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from edgeloop.model.pieces import Linear, build
-from edgeloop.model.pieces.norm import emit_rms_norm, rms_norm
+from edgeloop.model.pieces.norm import RMSNorm, emit_rms_norm, rms_norm
 
 
 class Attention(nn.Module):
@@ -27,9 +29,13 @@ class Attention(nn.Module):
         # GroupQueryAttention can rotate q/k itself (do_rotary), numbering each row's positions from the start of
         # its buffer, padding included: a left-padded row is then shifted by its pad count, which leaves every
         # q.k unchanged only where the tables are exact rotations (not bf16-rounded) and nothing (QK-norm) sits
-        # between rotary and attention
-        self.rotary_in_gqa = not cfg.qk_norm and not cfg.rope_bf16
+        # between rotary and attention; a full-width QK-norm sits before rotary on the unpacked q and k
+        self.rotary_in_gqa = not cfg.qk_norm and not cfg.qk_norm_full and not cfg.rope_bf16
         hd, d = cfg.head_dim, cfg.d_model
+        if cfg.qk_norm_full:
+            self.q_norm = RMSNorm(cfg.n_heads * hd, cfg.norm_eps)
+            self.k_norm = RMSNorm(cfg.n_kv_heads * hd, cfg.norm_eps)
+        self.qk_norm_full = cfg.qk_norm_full
         self.c_q = nn.Linear(d, cfg.n_heads * hd, bias=cfg.qk_bias)
         self.c_k = nn.Linear(d, cfg.n_kv_heads * hd, bias=cfg.qk_bias)
         self.c_v = nn.Linear(d, cfg.n_kv_heads * hd, bias=False)
@@ -44,8 +50,11 @@ class Attention(nn.Module):
         past (k, v) or None. Returns (y, present (k, v))."""
         (B, T, _), hd = x.shape, self.head_dim
         cos, sin = rope
-        q = self.c_q(x).view(B, T, self.n_heads, hd).transpose(1, 2)
-        k = self.c_k(x).view(B, T, self.n_kv_heads, hd).transpose(1, 2)
+        q, k = self.c_q(x), self.c_k(x)
+        if self.qk_norm_full:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.view(B, T, self.n_heads, hd).transpose(1, 2)
+        k = k.view(B, T, self.n_kv_heads, hd).transpose(1, 2)
         v = self.c_v(x).view(B, T, self.n_kv_heads, hd).transpose(1, 2)
         q, k = self.rotary.apply(q, cos, sin), self.rotary.apply(k, cos, sin)
         if self.qk_norm:
@@ -66,9 +75,10 @@ class Attention(nn.Module):
         over [past; new] with the additive bias ctx["bias_gqa"] [B, 1, S, T] (causal + padding: left-padded
         batches work; seqlens_k = T - 1 for every row). Rotary: GroupQueryAttention's own over the packed q/k/v
         (rotary_in_gqa, unless the export asks for position_ids: positions T-S..T-1 of each row, a shift of
-        position_ids that q.k does not see), else com.microsoft.RotaryEmbedding at position_ids (QK-norm, which
-        keeps each head's length and so commutes with the rotation, runs first). Same `past` contract as emit;
-        in the Loop body the rotated new keys/values are rows T-S..T-1 of GroupQueryAttention's presents."""
+        position_ids that q.k does not see), else com.microsoft.RotaryEmbedding at position_ids (QK-norm runs first:
+        the per-head one keeps each head's length and so commutes with the rotation; the full-width one must). Same
+        `past` contract as emit; in the Loop body the rotated new keys/values are rows T-S..T-1 of
+        GroupQueryAttention's presents."""
         H, KV = self.n_heads, self.n_kv_heads
         mods = [self.c_q, self.c_k, self.c_v]
         qkv = w.linears(g, x, mods, packed=self.rotary_in_gqa and w.gqa_rotary)
@@ -78,7 +88,9 @@ class Attention(nn.Module):
             tables = [ctx["rope_cos"], ctx["rope_sin"]]
         else:
             q, k, v = qkv
-            ins, rot, tables = [self._rotate(g, q, H, ctx), self._rotate(g, k, KV, ctx), v], {}, [None, None]
+            full = (self.q_norm, self.k_norm) if self.qk_norm_full else (None, None)
+            ins = [self._rotate(g, w, q, H, ctx, full[0]), self._rotate(g, w, k, KV, ctx, full[1]), v]
+            rot, tables = {}, [None, None]
 
         def gqa(b, pk, pv):
             return b.GroupQueryAttention(*ins, pk, pv, ctx["seqlens_k"], ctx["total_len"], *tables, None,
@@ -91,8 +103,11 @@ class Attention(nn.Module):
         y, pk, pv = gqa(g, *past)
         return w.linear(g, y, self.c_proj), pk, pv
 
-    def _rotate(self, g, t, n: int, ctx):
-        """[B, S, n*hd] -> [B, S, n*hd] (normed and) rotated by com.microsoft.RotaryEmbedding."""
+    def _rotate(self, g, w, t, n: int, ctx, full_norm=None):
+        """[B, S, n*hd] -> [B, S, n*hd] (normed and) rotated by com.microsoft.RotaryEmbedding. full_norm: the
+        q_norm or k_norm RMSNorm over the whole width (qk_norm_full), applied first."""
+        if full_norm is not None:
+            t = full_norm.emit(g, w, t)
         if self.qk_norm:
             t4 = emit_rms_norm(g, g.Reshape(t, g.const([0, 0, n, self.head_dim])), self.eps, fused=True,
                                dim=self.head_dim)
@@ -119,8 +134,11 @@ class Attention(nn.Module):
         def heads(t, n):  # [B, S, n*hd] -> [B, n, S, hd]
             return g.Transpose(g.Reshape(t, g.const([0, 0, n, hd])), perm=[0, 2, 1, 3])
 
-        q = self.rotary.emit(g, heads(w.linear(g, x, self.c_q), H), ctx["cos"], ctx["sin"])
-        k = self.rotary.emit(g, heads(w.linear(g, x, self.c_k), KV), ctx["cos"], ctx["sin"])
+        q, k = w.linear(g, x, self.c_q), w.linear(g, x, self.c_k)
+        if self.qk_norm_full:
+            q, k = self.q_norm.emit(g, w, q), self.k_norm.emit(g, w, k)
+        q = self.rotary.emit(g, heads(q, H), ctx["cos"], ctx["sin"])
+        k = self.rotary.emit(g, heads(k, KV), ctx["cos"], ctx["sin"])
         v = heads(w.linear(g, x, self.c_v), KV)
         if self.qk_norm:
             q, k = emit_rms_norm(g, q, self.eps), emit_rms_norm(g, k, self.eps)

@@ -105,3 +105,29 @@ class PrePost(Sandwich):
         a, k, v = self.attn.emit(g, w, self.norm1.emit(g, w, x), ctx, past)
         h, x = self.norm3.emit_skip(g, w, x, self.norm2.emit(g, w, a))
         return g.Add(x, self.norm4.emit(g, w, self.mlp.emit(g, w, h))), k, v
+
+
+@register("block", "postnorm")
+class PostNorm(nn.Module):
+    """x = x + norm1(attn x);  x = x + norm2(mlp x)  (OLMo-2: each sub-layer reads the raw residual stream and
+    its output is normalised before the sum). Norm names in Hugging Face terms: post_attention_layernorm,
+    post_feedforward_layernorm."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.attn = Attention(cfg)  # registered in forward order (Hyperloop.tensors lists them so)
+        self.norm1 = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = build("mlp", cfg.mlp, cfg)
+        self.norm2 = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def forward(self, x, rope, mask, past):
+        a, present = self.attn(x, rope, mask, past)
+        x = x + self.norm1(a)
+        return x + self.norm2(self.mlp(x)), present
+
+    def emit(self, g, w, x, ctx, past, chain: bool = False):
+        """No norm reads the residual stream itself, so nothing fuses into a skip-norm: plain sums."""
+        x = settle(g, x)
+        a, k, v = self.attn.emit(g, w, x, ctx, past)
+        x = g.Add(x, self.norm1.emit(g, w, a))
+        return g.Add(x, self.norm2.emit(g, w, self.mlp.emit(g, w, x))), k, v

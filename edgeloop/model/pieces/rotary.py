@@ -1,19 +1,46 @@
 """Rotary position embeddings: the angle tables and each rotary flavour, in PyTorch and as ONNX nodes.
 
-Tables: angle(pos, i) = pos * theta^(-2i/head_dim), i < head_dim/2; cos, sin [length, head_dim/2] in fp32
-(optionally rounded to bf16, as looped-lm-scaling does). A flavour says which elements form a pair.
+Tables: angle(pos, i) = pos * inv_freq_i, inv_freq_i = theta^(-2i/head_dim) (optionally rescaled: rope_scaling),
+i < head_dim/2; cos, sin [length, head_dim/2] in fp32 (optionally rounded to bf16, as looped-lm-scaling does).
+A scaling only changes the tables, so every flavour and every graph (RotaryEmbedding, GroupQueryAttention's own
+rotary) takes it as it is. A flavour says which elements form a pair.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from edgeloop.model.pieces import register
 
 
+def scaled_inv_freq(inv_freq: torch.Tensor, scaling: dict) -> torch.Tensor:
+    """inv_freq [hd/2] under `scaling` (config rope_scaling), in fp32 as transformers computes it.
+    llama3 (transformers' _compute_llama3_parameters): wavelen = 2 pi / inv_freq, with L = original_max_position_
+    embeddings, f = factor, lo / hi = low_freq_factor / high_freq_factor: inv_freq / f where wavelen > L / lo;
+    unchanged where wavelen < L / hi; between, (1 - s) inv_freq / f + s inv_freq with s = (L / wavelen - lo) /
+    (hi - lo)."""
+    kind = scaling.get("rope_type", "none")
+    if kind == "none":
+        return inv_freq
+    if kind != "llama3":
+        raise ValueError(f"rope_scaling rope_type {kind!r}: not implemented")
+    f, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+    old = scaling["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    out = torch.where(wavelen > old / lo, inv_freq / f, inv_freq)
+    smooth = (old / wavelen - lo) / (hi - lo)
+    smoothed = (1 - smooth) * out / f + smooth * out
+    medium = ~(wavelen < old / hi) * ~(wavelen > old / lo)
+    return torch.where(medium, smoothed, out)
+
+
 def rope_tables(cfg, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [length, head_dim/2] for angles pos * theta^(-2i/head_dim); optionally bf16-rounded."""
+    """cos, sin [length, head_dim/2] for angles pos * inv_freq (theta^(-2i/head_dim), scaled by the config's
+    rope_scaling); optionally bf16-rounded."""
     hd = cfg.head_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float32) / hd))
+    inv_freq = scaled_inv_freq(inv_freq, getattr(cfg, "rope_scaling", None) or {"rope_type": "none"})
     angles = torch.outer(torch.arange(length, dtype=torch.float32), inv_freq)
     cos, sin = angles.cos(), angles.sin()
     if cfg.rope_bf16:

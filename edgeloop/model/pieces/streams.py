@@ -246,12 +246,13 @@ class Inject(Passthrough):
 @register("injection", "adapter")
 class Adapter(Passthrough):
     """u = W [s; e] (state first; W: the model's `inject` Linear [d, 2d]), s0 = 0, or with init_scale > 0
-    Huginn's random start: s0 = TruncNormal(0, sigma^2, +-3 sigma) * embed_scale, sigma = sqrt(2 / (5d)) * init_scale."""
+    Huginn's random start: s0 = TruncNormal(0, sigma^2, +-3 sigma) * embed_scale, sigma = std * init_scale, std =
+    the config's init_std (the source's init_values.std), or sqrt(2 / (5d)) where it is 0."""
     linear = True
     random_start = True
 
     def sigma(self) -> float:
-        return math.sqrt(2 / (5 * self.cfg.d_model))
+        return self.cfg.init_std or math.sqrt(2 / (5 * self.cfg.d_model))
 
     def init(self, e, init_scale: float = 0.0):
         if not init_scale:
