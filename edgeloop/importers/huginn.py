@@ -1,7 +1,9 @@
-"""The Huginn-0125 importer: Hugging Face `huginn_raven` folders (tomg-group-umd/huginn-0125; the reference is
-seal-rg/recurrent-pretraining, recpre/raven_modeling_minimal.py). Weights only: the folder's remote-code
-*.py files are never imported or run.
+"""The huginn_raven importer: Hugging Face `huginn_raven` folders, Huginn-0125 (tomg-group-umd/huginn-0125; the
+reference is seal-rg/recurrent-pretraining, recpre/raven_modeling_minimal.py) and the retrofitted-recurrence
+("Raven") models that reuse its model_type (importers/raven.py). Weights only: the folder's remote-code *.py files
+are never imported or run. The tensors tell the variants apart (raven.layout_of): norm_3 / norm_4 are Huginn-0125's.
 
+Huginn-0125:
     e = wte(ids) * sqrt(d);  e = prelude(e)                      begin: n_layers_in_prelude sandwich blocks
     s = 0 (or the random start);  repeat num_steps: s = core_block(adapter([s; e]))     middle, looped
     x = ln_f(s);  x = coda(x);  logits = lm_head(ln_f(x))         end, ln_f used twice; lm_head tied to wte
@@ -10,8 +12,10 @@ qk_bias [2, 1, H, hd] added to q and k before rotary on interleaved pairs (base 
 up) with fc rows gate | up. Mapped onto edgeloop pieces: block "sandwich", rotary "interleaved", injection
 "adapter" (inject.weight = adapter.weight), c_q/c_k/c_v (+ biases) = the Wqkv rows, c_gate/c_fc = the fc
 rows, post_loop_norm; the KV cache shared across steps by default (the reference's compress-s4).
-Variants that reuse the model_type with other blocks (the retrofitted-recurrence models: pre/post-norm
-blocks, GQA, llama3 rope scaling, QK-norm, no embedding scale) are refused by name.
+Retrofits (Llama-3.2 / TinyLlama pre-norm, OLMo-2 post-norm with full-width QK-norm): the same names and adapter,
+blocks "prenorm" / "postnorm", GQA, rotary "neox" (+ llama3 rope_scaling), embed scale 1, ln_f once, untied head
+(raven.py). Anything else (other rope types, test-time noise, soft-capping, biases, other start states) is refused
+by name, in one line, before anything is written.
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 
 from edgeloop.importers.common import (HFImporter, ImporterError, Safetensors, Source, card, read_json, register,
                                        tokenizer_vocab)
+from edgeloop.importers.raven import card_rows, layout_of, retrofit_config
 from edgeloop.model.config import ConfigError, HyperloopConfig
 
 MODEL_TYPE = "huginn_raven"
@@ -40,9 +45,10 @@ class HuginnImportError(ImporterError):
     """A huginn_raven folder is missing, inconsistent, or a variant edgeloop does not implement."""
 
 
-def config_of(folder: Path) -> tuple[dict, HyperloopConfig]:
-    """config.json -> (raw, HyperloopConfig), refusing every field value edgeloop does not implement."""
-    raw = read_json(folder / "config.json", HuginnImportError)
+def config_of(folder: Path, raw: dict | None = None) -> tuple[dict, HyperloopConfig]:
+    """config.json (of a folder with Huginn-0125's sandwich blocks) -> (raw, HyperloopConfig), refusing every field
+    value edgeloop does not implement."""
+    raw = read_json(folder / "config.json", HuginnImportError) if raw is None else raw
     where = folder / "config.json"
 
     def need(key: str, *alts: str):
@@ -52,8 +58,8 @@ def config_of(folder: Path) -> tuple[dict, HyperloopConfig]:
         raise HuginnImportError(f"{where}: field '{key}' is missing")
 
     def refuse(key: str, why: str) -> HuginnImportError:
-        return HuginnImportError(f"{where}: {key} = {raw.get(key)!r}: {why} (edgeloop implements Huginn-0125's "
-                                 f"architecture only; this looks like a retrofitted-recurrence variant)")
+        return HuginnImportError(f"{where}: {key} = {raw.get(key)!r}: {why} (a folder with Huginn-0125's sandwich "
+                                 f"blocks, norm_3 / norm_4; edgeloop does not implement this)")
 
     for key, want in EXPECTED.items():
         if raw.get(key, want) != want:
@@ -62,7 +68,7 @@ def config_of(folder: Path) -> tuple[dict, HyperloopConfig]:
         raise refuse("state_init", f"not one of {STATE_INITS}")
     for key in RETROFIT_FIELDS:
         if key in raw:
-            raise refuse(key, "a field Huginn-0125 does not have")
+            raise refuse(key, "a retrofit's field, which Huginn-0125 does not have")
     if any("softcap" in k for k in raw if raw[k]):
         key = next(k for k in raw if "softcap" in k and raw[k])
         raise refuse(key, "logit soft-capping")
@@ -82,8 +88,8 @@ def config_of(folder: Path) -> tuple[dict, HyperloopConfig]:
     emb_scale = (raw.get("init_values") or {}).get("embed_scale", math.sqrt(d))
     if not isinstance(emb_scale, (int, float)) or abs(emb_scale - math.sqrt(d)) > 1e-6 * math.sqrt(d):
         raise HuginnImportError(f"{where}: init_values.embed_scale = {emb_scale!r}: not sqrt(n_embd) = "
-                                f"{math.sqrt(d):.4f} (a retrofitted-recurrence variant; edgeloop implements "
-                                f"Huginn-0125's architecture only)")
+                                f"{math.sqrt(d):.4f} (a folder with Huginn-0125's sandwich blocks, norm_3 / norm_4; "
+                                f"edgeloop does not implement this)")
     r = need("mean_recurrence")
     tied = raw.get("tie_embeddings", raw.get("tie_word_embeddings", True))
     try:
@@ -105,22 +111,28 @@ def config_of(folder: Path) -> tuple[dict, HyperloopConfig]:
 
 
 def key_map(cfg: HyperloopConfig) -> dict[str, list[tuple[str, slice | int | None]]]:
-    """Huginn tensor name -> [(edgeloop name, the rows (slice) or qk_bias index it takes, or None: all)]."""
-    H, hd, I = cfg.n_heads, cfg.head_dim, cfg.mlp_hidden
+    """huginn_raven tensor name -> [(edgeloop name, the rows (slice) or qk_bias index it takes, or None: all)].
+    Wqkv rows: q [H*hd], k [KV*hd], v [KV*hd]; norms 1-4 (sandwich) or 1-2 (the retrofits' pre/post-norm), and
+    the OLMo-2 retrofit's attn.q_norm / attn.k_norm (qk_norm_full)."""
+    H, KV, hd, I = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_hidden
     m: dict[str, list] = {"transformer.wte.weight": [("embed.weight", None)],
                           "transformer.adapter.weight": [("inject.weight", None)],
                           "transformer.ln_f.weight": [("final_norm.weight", None)]}
     if not cfg.tie_embeddings:
         m["lm_head.weight"] = [("lm_head.weight", None)]
+    norms = (1, 2, 3, 4) if cfg.block == "sandwich" else (1, 2)
     for sec, (ours, count) in SECTIONS.items():
         for i in range(getattr(cfg, {"begin": "n_begin", "middle": "n_middle", "end": "n_end"}[ours])):
             p, q = f"transformer.{sec}.{i}.", f"{ours}.{i}."
-            m.update({f"{p}norm_{k}.weight": [(f"{q}norm{k}.weight", None)] for k in (1, 2, 3, 4)})
+            m.update({f"{p}norm_{k}.weight": [(f"{q}norm{k}.weight", None)] for k in norms})
             m[f"{p}attn.Wqkv.weight"] = [(f"{q}attn.c_q.weight", slice(0, H * hd)),
-                                         (f"{q}attn.c_k.weight", slice(H * hd, 2 * H * hd)),
-                                         (f"{q}attn.c_v.weight", slice(2 * H * hd, 3 * H * hd))]
+                                         (f"{q}attn.c_k.weight", slice(H * hd, (H + KV) * hd)),
+                                         (f"{q}attn.c_v.weight", slice((H + KV) * hd, (H + 2 * KV) * hd))]
             if cfg.qk_bias:
                 m[f"{p}attn.qk_bias"] = [(f"{q}attn.c_q.bias", 0), (f"{q}attn.c_k.bias", 1)]
+            if cfg.qk_norm_full:
+                m[f"{p}attn.q_norm.weight"] = [(f"{q}attn.q_norm.weight", None)]
+                m[f"{p}attn.k_norm.weight"] = [(f"{q}attn.k_norm.weight", None)]
             m[f"{p}attn.proj.weight"] = [(f"{q}attn.c_proj.weight", None)]
             m[f"{p}mlp.fc.weight"] = [(f"{q}mlp.c_gate.weight", slice(0, I)), (f"{q}mlp.c_fc.weight", slice(I, 2 * I))]
             m[f"{p}mlp.proj.weight"] = [(f"{q}mlp.c_proj.weight", None)]
@@ -128,14 +140,15 @@ def key_map(cfg: HyperloopConfig) -> dict[str, list[tuple[str, slice | int | Non
 
 
 def source_shapes(cfg: HyperloopConfig) -> dict[str, tuple[int, ...]]:
-    """The shape each Huginn tensor must have under `cfg`."""
-    d, H, hd, I, V = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.mlp_hidden, cfg.vocab_size
+    """The shape each huginn_raven tensor must have under `cfg`."""
+    d, H, KV, hd, I, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.mlp_hidden, cfg.vocab_size
     shapes = {"transformer.wte.weight": (V, d), "transformer.adapter.weight": (d, 2 * d),
               "transformer.ln_f.weight": (d,), "lm_head.weight": (V, d)}
     for name in key_map(cfg):
         leaf = name.split(".", 3)[-1]
-        shapes.setdefault(name, {"attn.Wqkv.weight": (3 * H * hd, d), "attn.qk_bias": (2, 1, H, hd),
-                                 "attn.proj.weight": (d, d), "mlp.fc.weight": (2 * I, d),
+        shapes.setdefault(name, {"attn.Wqkv.weight": ((H + 2 * KV) * hd, d), "attn.qk_bias": (2, 1, H, hd),
+                                 "attn.q_norm.weight": (H * hd,), "attn.k_norm.weight": (KV * hd,),
+                                 "attn.proj.weight": (d, H * hd), "mlp.fc.weight": (2 * I, d),
                                  "mlp.proj.weight": (d, I)}.get(leaf, (d,)))
     return shapes
 
@@ -149,23 +162,34 @@ def pieces(t: torch.Tensor, take: slice | int | None) -> torch.Tensor:
 @register
 class Huginn(HFImporter):
     name = model_type = MODEL_TYPE
-    title = "Huginn-0125 (huginn_raven): config.json + safetensors shards, weights only"
+    title = ("Huginn-0125 and the retrofitted-recurrence models (huginn_raven): config.json + safetensors shards, "
+             "weights only")
     error = HuginnImportError
 
     def read(self, folder: Path) -> Source:
-        raw, cfg = config_of(folder)
+        raw = read_json(folder / "config.json", HuginnImportError)
         st = Safetensors(folder, HuginnImportError)
+        block = layout_of(st.header)
+        if block == "sandwich":
+            raw, cfg = config_of(folder, raw)
+        else:
+            cfg = retrofit_config(folder, raw, block, HuginnImportError, EXPECTED, STATE_INITS, MODEL_TYPE, MAX_LOOPS)
         names, shapes = key_map(cfg), source_shapes(cfg)
-        ignored = sorted(n for n in st.header if n.endswith("freqs_cis") or (cfg.tie_embeddings and n == "lm_head.weight"))
+        ignored = sorted(n for n in st.header if n.endswith(("freqs_cis", "rotary_emb.inv_freq")) or
+                         (cfg.tie_embeddings and n == "lm_head.weight"))
         have = set(st.header) - set(ignored)
         extra, missing = sorted(have - set(names)), sorted(set(names) - have)
         if any(".q_norm." in n or ".k_norm." in n for n in extra):
-            raise HuginnImportError(f"{folder}: tensor '{next(n for n in extra if '_norm.' in n)}': QK-norm (a "
-                                    f"retrofitted-recurrence variant; edgeloop implements Huginn-0125 only)")
+            raise HuginnImportError(f"{folder}: tensor '{next(n for n in extra if '_norm.' in n)}': QK-norm in a "
+                                    f"folder with Huginn-0125's sandwich blocks (norm_3 / norm_4; edgeloop "
+                                    f"implements QK-norm for the OLMo-2 retrofit's post-norm blocks only)")
         if any(".norm_3." in n or ".norm_4." in n for n in missing):
             raise HuginnImportError(f"{folder}: tensor '{next(n for n in missing if '.norm_' in n)}' is missing: not "
-                                    f"a sandwich block (a retrofitted-recurrence variant; edgeloop implements "
-                                    f"Huginn-0125 only)")
+                                    f"a sandwich block, though other blocks have norm_3 / norm_4")
+        if any(n.endswith("attn.qk_bias") for n in extra):
+            raise HuginnImportError(f"{folder}: tensor '{next(n for n in extra if n.endswith('qk_bias'))}': q/k "
+                                    f"biases in a retrofitted block without norm_3 / norm_4 (no published retrofit "
+                                    f"has them; edgeloop does not implement them)")
         if missing:
             raise HuginnImportError(f"{folder}: tensor '{missing[0]}' is missing ({len(missing)} missing in all)")
         if extra:
@@ -188,23 +212,11 @@ class Huginn(HFImporter):
             if n > cfg.vocab_size:
                 raise HuginnImportError(f"{tok}: the tokenizer has {n} tokens; the model's vocab_size is {cfg.vocab_size}")
         dtypes = sorted({str(dt).removeprefix("torch.") for dt, _ in header.values()})
-        files["README.md"] = card(f"{folder.resolve().name}, imported", (
-            f"Imported by `edgeloop import` from the Hugging Face `huginn_raven` folder `{folder.resolve()}` "
-            f"(Huginn-0125, arXiv 2502.05171; reference code seal-rg/recurrent-pretraining). Weights only, "
-            f"unchanged ({'/'.join(dtypes)}); Wqkv and fc are stored as their q/k/v and gate/up rows, qk_bias as the "
-            f"q and k biases. Their licence is the source's (Apache-2.0 for Huginn-0125)."), [
-            ("layout", f"prelude {cfg.n_begin} → core {cfg.n_middle} × num_steps (mean {cfg.num_loops}, up to "
-                       f"{cfg.loop_limit}) → coda {cfg.n_end}"),
-            ("width", f"d = {cfg.d_model}, {cfg.n_heads} heads (MHA), gated SiLU MLP {cfg.mlp_hidden}"),
-            ("vocabulary / context", f"{cfg.vocab_size} / {cfg.max_seq_len}, rotary base {cfg.rope_theta:g} "
-                                     f"(interleaved pairs)"),
-            ("state", "zeros by default (export --init-state random for the reference's random start)"),
-            ("KV cache", "shared across steps by default (compress-s4); export --kv-policy per-step for one slot "
-                         "per step")], ["huginn", "recurrent-depth"])
+        files["README.md"] = self.card(folder, cfg, dtypes)
         summary = {"mean_recurrence": cfg.num_loops, "max_loops": cfg.loop_limit, "source_dtypes": dtypes,
                    "stored_dtype": "/".join(dtypes), "shards": len(st.names_in), "ignored": ignored,
                    "tokenizer": str(tok) if tok else None, "vocab_size": cfg.vocab_size,
-                   "hc": cfg.hc, "injection": cfg.injection}
+                   "hc": cfg.hc, "injection": cfg.injection, "block": cfg.block}
 
         def stream():
             for theirs, t in st.stream(set(names)):
@@ -212,3 +224,26 @@ class Huginn(HFImporter):
                     yield mine, pieces(t, take)
 
         return Source(cfg, header, stream, files, summary)
+
+    @staticmethod
+    def card(folder: Path, cfg: HyperloopConfig, dtypes: list[str]) -> str:
+        """README.md of the imported folder: Huginn-0125's rows, or a retrofit's (raven.card_rows)."""
+        if cfg.block == "sandwich":
+            what, tags = "Huginn-0125, arXiv 2502.05171; reference code seal-rg/recurrent-pretraining", ["huginn"]
+            rows = [("layout", f"prelude {cfg.n_begin} → core {cfg.n_middle} × num_steps (mean {cfg.num_loops}, up "
+                               f"to {cfg.loop_limit}) → coda {cfg.n_end}"),
+                    ("width", f"d = {cfg.d_model}, {cfg.n_heads} heads (MHA), gated SiLU MLP {cfg.mlp_hidden}"),
+                    ("vocabulary / context", f"{cfg.vocab_size} / {cfg.max_seq_len}, rotary base {cfg.rope_theta:g} "
+                                             f"(interleaved pairs)"),
+                    ("state", "zeros by default (export --init-state random for the reference's random start)"),
+                    ("KV cache", "shared across steps by default (compress-s4); export --kv-policy per-step for one "
+                                 "slot per step")]
+            licence = "Apache-2.0 for Huginn-0125"
+        else:
+            what, rows = card_rows(cfg)
+            tags, licence = ["huginn", "retrofitted-recurrence"], "and its base model's"
+        return card(f"{folder.resolve().name}, imported", (
+            f"Imported by `edgeloop import` from the Hugging Face `huginn_raven` folder `{folder.resolve()}` "
+            f"({what}). Weights only, unchanged ({'/'.join(dtypes)}); Wqkv and fc are stored as their q/k/v and "
+            f"gate/up rows" + (", qk_bias as the q and k biases" if cfg.qk_bias else "") +
+            f". Their licence is the source's ({licence})."), rows, tags + ["recurrent-depth"])
