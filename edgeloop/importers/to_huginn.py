@@ -1,9 +1,11 @@
-"""An edgeloop checkpoint with Huginn-0125's architecture written as a Hugging Face `huginn_raven` folder: the
-layout `edgeloop import` (importers/huginn.py) reads and seal-rg/recurrent-pretraining's raven_modeling_minimal.py
-loads. The inverse of huginn.key_map: Wqkv = [c_q; c_k; c_v], qk_bias = stack(q bias, k bias) [2, 1, H, hd],
-fc = [c_gate; c_fc], inject = the adapter. The state starts at zeros, as it trained: `state_init: "zero"`, and
-`init_values.std: 0`, since the reference's initialize_state draws TruncNormal(std * init_scale) whatever state_init
-says (its generate() defaults to init_scale 1), and std 0 makes that zeros at any init_scale.
+"""An edgeloop checkpoint with Huginn-0125's architecture, or a retrofitted-recurrence one (blocks "prenorm" /
+"postnorm": importers/raven.py), written as a Hugging Face `huginn_raven` folder: the layout `edgeloop import`
+(importers/huginn.py) reads and seal-rg/recurrent-pretraining's raven_modeling_minimal.py (the retrofits:
+LoopedLMs/retrofitting-recurrence's raven_modeling_minimal_{llama,olmo}.py) loads. The inverse of huginn.key_map:
+Wqkv = [c_q; c_k; c_v], qk_bias = stack(q bias, k bias) [2, 1, H, hd], fc = [c_gate; c_fc], inject = the adapter.
+The state starts at zeros, as it trained: `state_init: "zero"`, and `init_values.std: 0`, since the reference's
+initialize_state draws TruncNormal(std * init_scale) whatever state_init says (its generate() defaults to
+init_scale 1), and std 0 makes that zeros at any init_scale.
 """
 from __future__ import annotations
 
@@ -26,6 +28,11 @@ HUGINN_ARCH = {"hc": "none", "n_streams": 1, "injection": "adapter", "block": "s
                "rotary": "interleaved", "qk_norm": False, "loop_embedding": False, "post_loop_norm": True,
                "norm_each_loop": False, "exit_gate": False, "middle_norm": False, "embed_norm": False,
                "logit_softcap": 0.0, "rope_bf16": False}
+# the same for a retrofit (the Llama layout "prenorm", the OLMo-2 layout "postnorm" with its full-width QK-norm)
+RETROFIT_ARCH = {"hc": "none", "n_streams": 1, "injection": "adapter", "mlp": "swiglu", "rotary": "neox",
+                 "qk_norm": False, "qk_bias": False, "loop_embedding": False, "post_loop_norm": False,
+                 "norm_each_loop": False, "exit_gate": False, "middle_norm": False, "embed_norm": False,
+                 "logit_softcap": 0.0, "rope_bf16": False}
 
 
 class HuginnWriteError(ValueError):
@@ -33,6 +40,8 @@ class HuginnWriteError(ValueError):
 
 
 def check_huginn(cfg: HyperloopConfig) -> None:
+    if cfg.block in ("prenorm", "postnorm"):
+        return check_retrofit(cfg)
     for name, want in HUGINN_ARCH.items():
         if getattr(cfg, name) != want:
             raise HuginnWriteError(f"config field '{name}' = {getattr(cfg, name)!r}: Huginn's layout needs {want!r}")
@@ -44,19 +53,41 @@ def check_huginn(cfg: HyperloopConfig) -> None:
                                f"{math.sqrt(cfg.d_model):.4f}")
 
 
+def check_retrofit(cfg: HyperloopConfig) -> None:
+    """A retrofit's layout: RETROFIT_ARCH, QK-norm full-width exactly in the post-norm layout, and the Llama
+    layout's head width n_embd / heads (its reference ignores head_dim)."""
+    want = dict(RETROFIT_ARCH, qk_norm_full=cfg.block == "postnorm")
+    for name, value in want.items():
+        if getattr(cfg, name) != value:
+            raise HuginnWriteError(f"config field '{name}' = {getattr(cfg, name)!r}: the {cfg.block} retrofit "
+                                   f"layout needs {value!r}")
+    if cfg.block == "prenorm" and cfg.head_dim * cfg.n_heads != cfg.d_model:
+        raise HuginnWriteError(f"config field 'attn_head_dim' = {cfg.attn_head_dim}: the Llama retrofit layout's "
+                               f"heads are d_model / n_heads = {cfg.d_model / cfg.n_heads:g} wide")
+
+
 def huginn_config(cfg: HyperloopConfig, dtype: str, gen: dict, context: int | None = None) -> dict:
-    """config.json of the folder: Huginn-0125's field names (recpre/raven_config_minimal.py)."""
+    """config.json of the folder: Huginn-0125's field names (recpre/raven_config_minimal.py); a retrofit's as the
+    conversion scripts write them (convert_llama.py / convert_olmo.py: GQA, rope_theta beside rope_base, the
+    llama3 rope_scaling, embed_scale 1, untied)."""
     d = cfg.d_model
-    return {"architectures": ["RavenForCausalLM"], "model_type": MODEL_TYPE, **EXPECTED,
-            "n_embd": d, "num_attention_heads": cfg.n_heads, "n_heads": cfg.n_heads, "num_key_value_heads": cfg.n_heads,
-            "head_dim": cfg.head_dim, "intermediate_size": cfg.mlp_hidden, "n_layers": cfg.unique_layers,
-            "n_layers_in_prelude": cfg.n_begin, "n_layers_in_recurrent_block": cfg.n_middle,
-            "n_layers_in_coda": cfg.n_end, "mean_recurrence": cfg.num_loops, "vocab_size": cfg.vocab_size,
-            "padded_vocab_size": cfg.vocab_size, "block_size": context or cfg.max_seq_len, "norm_eps": cfg.norm_eps,
-            "rope_base": cfg.rope_theta, "qk_bias": cfg.qk_bias, "bias": False, "tie_embeddings": cfg.tie_embeddings,
-            "state_init": "zero", "test_time_noise": 0, "init_values": {"embed_scale": math.sqrt(d), "std": 0.0},
-            "bos_token_id": gen["bos_token_id"], "eos_token_id": gen["eos_token_id"][0] if gen["eos_token_id"] else 0,
-            "pad_token_id": gen["pad_token_id"], "torch_dtype": dtype}
+    out = {"architectures": ["RavenForCausalLM"], "model_type": MODEL_TYPE, **EXPECTED,
+           "n_embd": d, "num_attention_heads": cfg.n_heads, "n_heads": cfg.n_heads, "num_key_value_heads": cfg.n_heads,
+           "head_dim": cfg.head_dim, "intermediate_size": cfg.mlp_hidden, "n_layers": cfg.unique_layers,
+           "n_layers_in_prelude": cfg.n_begin, "n_layers_in_recurrent_block": cfg.n_middle,
+           "n_layers_in_coda": cfg.n_end, "mean_recurrence": cfg.num_loops, "vocab_size": cfg.vocab_size,
+           "padded_vocab_size": cfg.vocab_size, "block_size": context or cfg.max_seq_len, "norm_eps": cfg.norm_eps,
+           "rope_base": cfg.rope_theta, "qk_bias": cfg.qk_bias, "bias": False, "tie_embeddings": cfg.tie_embeddings,
+           "state_init": "zero", "test_time_noise": 0, "init_values": {"embed_scale": math.sqrt(d), "std": 0.0},
+           "bos_token_id": gen["bos_token_id"], "eos_token_id": gen["eos_token_id"][0] if gen["eos_token_id"] else 0,
+           "pad_token_id": gen["pad_token_id"], "torch_dtype": dtype}
+    if cfg.block != "sandwich":
+        out.update(num_key_value_heads=cfg.n_kv_heads, rope_theta=cfg.rope_theta,
+                   tie_word_embeddings=cfg.tie_embeddings, max_position_embeddings=context or cfg.max_seq_len,
+                   init_values={"embed_scale": cfg.embed_scale, "std": 0.0})
+        if cfg.rope_scaling["rope_type"] != "none":
+            out["rope_scaling"] = dict(cfg.rope_scaling)
+    return out
 
 
 def huginn_tensors(cfg: HyperloopConfig, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -133,6 +133,30 @@ def test_int4_export_parity_plain_and_fused(quantized, tmp_path, name, fused, po
     assert set(par["by_num_loops"]) == {"2", "8"} and max(errs) <= 1e-3 and par["max_abs_err"] <= 1e-3, par
 
 
+@pytest.mark.parametrize("name", ["llama32", "olmo2"])
+def test_written_back_as_a_huginn_raven_folder(imported, name, tmp_path):
+    """importers/to_huginn.py writes a retrofit back: the source's tensors bit for bit, a config the published
+    equations read to edgeloop's logits, and an import of it gives the same model (its start state zeros: std 0)."""
+    from safetensors.torch import load_file
+
+    from edgeloop.importers.to_huginn import write_huginn as write_back
+
+    w, raw, _, el, _ = imported[name]
+    folder = write_back(el, tmp_path / "hf")
+    back, tensors = json.loads((folder / "config.json").read_text()), load_file(str(folder / "model.safetensors"))
+    assert set(tensors) == set(w) and all(torch.equal(t, w[k].to(t.dtype)) for k, t in tensors.items())
+    assert {k: back.get(k) for k in ("num_key_value_heads", "rope_theta", "rope_scaling", "tie_embeddings")} == \
+        {k: raw.get(k) for k in ("num_key_value_heads", "rope_theta", "rope_scaling", "tie_embeddings")}
+    assert back["init_values"] == {"embed_scale": 1.0, "std": 0.0} and back["state_init"] == "zero"
+    model = load_model(el)
+    with torch.no_grad():
+        assert (model(IDS, num_loops=3) - reference_logits(tensors, back, IDS, 3)).abs().max().item() <= 1e-4
+    import_folder(folder, tmp_path / "el")
+    again = load_model(tmp_path / "el").cfg.to_dict()
+    assert {k: v for k, v in again.items() if k not in ("extra", "init_std")} == \
+        {k: v for k, v in model.cfg.to_dict().items() if k not in ("extra", "init_std")}
+
+
 def test_llama3_tables_are_transformers_own():
     """Llama-3.2's own scaling (factor 32, 8192 original positions, theta 500000, head 64): the rotary tables
     are bit for bit transformers' _compute_llama3_parameters + its rotary's angles."""
