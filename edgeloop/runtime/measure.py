@@ -208,7 +208,7 @@ def footprint(folder: str | os.PathLike, ep: str = "cpu", threads: int = 0, pref
                                                         os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if r.returncode != 0:
-        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1].removeprefix("error: ")
         raise RuntimeInputError(f"the measurement subprocess failed: {last}")
     out = json.loads(r.stdout.strip().splitlines()[-1])
     out.update(file_bytes(folder, model_file))

@@ -75,7 +75,25 @@ def read_manifest(folder: Path) -> dict[str, Any]:
     problem = manifest_problem(m)
     if problem:
         raise NotAnExportError(f"{folder / 'manifest.json'}: {problem}")
+    sizes = m.get("file_bytes") if isinstance(m.get("file_bytes"), dict) else {}
+    for name in ("model.onnx.data",):  # the weights the export wrote: a short file is a truncated copy
+        want, f = sizes.get(name), folder / name
+        if isinstance(want, int) and f.is_file() and f.stat().st_size != want:
+            raise NotAnExportError(f"{f}: {f.stat().st_size:,} bytes, the export wrote {want:,} (a truncated or "
+                                   f"replaced copy: copy the export folder again)")
     return m
+
+
+def ort_cause(e: BaseException, limit: int = 200) -> str:
+    """The cause in an onnxruntime error message: without its '[ONNXRuntimeError] : 1 : FAIL :' prefix and
+    source locations (file.cc:123 Function), one line, at most `limit` characters."""
+    import re
+
+    text = " ".join(str(e).split()) or type(e).__name__
+    text = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "", text)
+    text = re.sub(r"(?:[\w.-]*/)*[A-Za-z_]\w*\.(?:cc|cpp|h):\d+ [\w:<>~]+\]?", " ", text)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 1] + "…"
 
 
 def _int_in(v, lo: int, hi: int) -> bool:
@@ -216,10 +234,9 @@ def make_session(folder: Path, providers: list[str], so, mmap: bool = True, mode
     try:
         sess = ort.InferenceSession(str(folder / model_file), so, **kw)
     except Exception as e:  # onnxruntime raises its own exception types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if plugin is not None and (clear := session_failure(plugin, str(e))):
             raise ProviderUnavailableError(clear) from None
-        raise RuntimeInputError(f"{folder / model_file}: onnxruntime cannot load it ({first})") from None
+        raise RuntimeInputError(f"{folder / model_file}: onnxruntime cannot load it ({ort_cause(e)})") from None
     if providers[0] not in sess.get_providers():
         raise ProviderUnavailableError(f"execution provider {providers[0]} failed to initialise "
                                        f"(onnxruntime fell back to {', '.join(sess.get_providers())})")

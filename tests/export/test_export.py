@@ -1,6 +1,7 @@
 """fp32 exports of every variant against PyTorch; graph structure; clients (genai, optimum); bad input."""
 import dataclasses
 import json
+import os
 import subprocess
 import sys
 
@@ -156,6 +157,17 @@ def test_external_data_export(exported, tmp_path):
     m = onnx.load(str(tmp_path / "ext" / "model.onnx"), load_external_data=False)
     offsets = [int(e.value) for t in m.graph.initializer for e in t.external_data if e.key == "offset"]
     assert offsets and all(o % 4096 == 0 for o in offsets)  # page-aligned: mmap-able
+    from edgeloop.runtime import Runtime
+    from edgeloop.runtime.session import NotAnExportError, ort_cause
+
+    data = tmp_path / "ext" / "model.onnx.data"  # a truncated copy: one line naming the file and both sizes
+    os.truncate(data, data.stat().st_size // 2)
+    with pytest.raises(NotAnExportError, match=r"model.onnx.data: [\d,]+ bytes, the export wrote [\d,]+"):
+        Runtime(tmp_path / "ext")
+    long = ("[ONNXRuntimeError] : 1 : FAIL : Deserialize tensor w failed.tensorprotoutils.cc:2201 "
+            "GetExtDataFromTensorProto External initializer: w offset: 64 size to read: 9 given file_length: 8 " * 4)
+    cause = ort_cause(RuntimeError(long))
+    assert cause.startswith("Deserialize tensor w failed. External") and ".cc:" not in cause and len(cause) <= 200
 
 
 @pytest.mark.parametrize("name", ["test-dynamic", "test-static"])
