@@ -175,8 +175,8 @@ def card_rows(cfg: HyperloopConfig) -> tuple[str, list[tuple[str, str]]]:
     rs = cfg.rope_scaling
     scaling = "" if rs["rope_type"] == "none" else (f", llama3 scaling x{rs['factor']:g} (original context "
                                                     f"{rs['original_max_position_embeddings']})")
-    return ("a retrofitted-recurrence model (McLeish et al., arXiv 2511.07384; reference code "
-            "LoopedLMs/retrofitting-recurrence)", [
+    return ("a retrofitted-recurrence model, McLeish et al., arXiv 2511.07384; reference code "
+            "LoopedLMs/retrofitting-recurrence", [
                 ("layout", f"{LAYOUTS[cfg.block]}: prelude {cfg.n_begin} → core {cfg.n_middle} × num_steps (mean "
                            f"{cfg.num_loops}, up to {cfg.loop_limit}) → coda {cfg.n_end} → ln_f once"),
                 ("width", f"d = {cfg.d_model}, {cfg.n_heads} heads × {cfg.head_dim} ({cfg.n_kv_heads} KV heads), "
