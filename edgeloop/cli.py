@@ -429,7 +429,7 @@ def run_cmd(
 ):
     """The main job: quantize -> export -> eval -> bench, ending in one report (table, report.json, report.md).
     Everything is checked before anything is written, and OUT appears only when every stage succeeded."""
-    from edgeloop.run import RunConfig, headline, run
+    from edgeloop.run import RunConfig, headline, protocol, run
 
     rc = RunConfig(method=method, group_size=group_size, sym=sym, format=format, accuracy_level=accuracy_level,
                    ep=ep, eval_tokens=eval_tokens, sweep=sweep, threads=threads, embedding_bits=embedding_bits,
@@ -444,7 +444,8 @@ def run_cmd(
         t.add_row(k, v)
     out.print(t)
     if r["sweep"]:
-        s = Table("num_loops", "effective layers", "perplexity", "decode tok/s", title="elastic depth (INT4)")
+        s = Table("num_loops", "effective layers", "perplexity", "decode tok/s",
+                  title=f"elastic depth (INT4; {protocol(r['sweep'][0])})")
         for row in r["sweep"]:
             s.add_row(str(row["num_loops"]), str(row["effective_layers"]), f"{row['ppl']:.3f}",
                       f"{row['decode_tokens_per_s']:.1f}")

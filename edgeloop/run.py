@@ -174,8 +174,8 @@ def stages(source: Path, ckpt: Path, tmp: Path, out: Path, rc: RunConfig, plan: 
     if rc.sweep:
         def do_sweep():
             rt = Runtime(tmp / "onnx-int4", ep=rc.ep, threads=rc.threads)
-            ids = evaluation_ids(tmp / "onnx-int4", rc.eval_text, min(rc.eval_tokens, 4096))
-            return sweep(rt, ids, decode_tokens=64)
+            ids = evaluation_ids(tmp / "onnx-int4", rc.eval_text, rc.eval_tokens)
+            return sweep(rt, ids, decode_tokens=64, ctx=drift["ctx"])  # the headline's protocol: same ids, windows
         rows = stage("sweep num_loops", do_sweep)
         plot_sweep(rows, tmp / "sweep.png", f"{source.name} INT4: elastic depth")
     method, group_size = plan["method"], plan["group_size"]
@@ -239,7 +239,7 @@ def headline(r: dict) -> list[tuple[str, str]]:
                          + (f" ({r['method_note']})" if r.get("method_note") else "")),
             ("export", f"{r['export']['int4']['format']}, Loop = {r['export']['int4']['graph']['loop']}, "
                        f"parity {p['max_abs_err']:.1e} (tol {p['tolerance']:g})"),
-            ("perplexity (INT4 / fp32 ref)", f"{d['ppl']:.3f} / {d['reference_ppl']:.3f} on {d['tokens']:,} tokens"),
+            ("perplexity (INT4 / fp32 ref)", f"{d['ppl']:.3f} / {d['reference_ppl']:.3f} ({protocol(d)})"),
             ("drift INT4", f"{d['drift_pct']:+.2f} %"),
             ("drift fp32 export", f"{r['eval']['fp32']['drift_pct']:+.4f} %"),
             ("file", f"{_mb(b['int4']['file_bytes'])} vs {_mb(b['fp32']['file_bytes'])} fp32 "
@@ -267,6 +267,11 @@ def headline(r: dict) -> list[tuple[str, str]]:
     return rows
 
 
+def protocol(d: dict) -> str:
+    """How a perplexity was measured: the tokens scored, the window and its stride."""
+    return f"{d['tokens']:,} tokens, context {d['ctx']}, stride {d['stride']}"
+
+
 def report_md(r: dict) -> str:
     lines = [f"# edgeloop report: {Path(r['checkpoint']).name}", "",
              f"`edgeloop run {r['checkpoint']} -o {r['out']}` on `{r['config']['ep']}` in {r['seconds']:.0f} s.", "",
@@ -274,6 +279,7 @@ def report_md(r: dict) -> str:
     lines += [f"| {k} | {v} |" for k, v in headline(r)]
     if r["sweep"]:
         lines += ["", "## Elastic depth (INT4, num_loops = 1..r)", "",
+                  f"Perplexity as in the headline ({protocol(r['sweep'][0])}).", "",
                   "| num_loops | effective layers | perplexity | decode tok/s | KV bytes/token |", "|---|---|---|---|---|"]
         lines += [f"| {s['num_loops']} | {s['effective_layers']} | {s['ppl']:.3f} | {s['decode_tokens_per_s']:.1f} | "
                   f"{s['kv_bytes_per_token']:,} |" for s in r["sweep"]]

@@ -21,6 +21,10 @@ def test_run_writes_every_stage_and_the_report(tmp_path):
     assert json.loads((out / "onnx-int4" / "manifest.json").read_text())["accuracy_level"] == 4
     assert abs(rep["eval"]["fp32"]["drift_pct"]) < 0.01
     assert len(rep["sweep"]) == 3 and all(s["ppl"] > 1 for s in rep["sweep"])
+    at_r, head = rep["sweep"][-1], rep["eval"]["int4"]  # one protocol: the sweep's row at r is the headline's
+    assert (at_r["tokens"], at_r["ctx"], at_r["stride"]) == (head["tokens"], head["ctx"], head["stride"])
+    assert abs(at_r["ppl"] - head["ppl"]) <= 1e-6 * head["ppl"]
+    assert f"{head['tokens']:,} tokens, context {head['ctx']}, stride {head['stride']}" in (out / "report.md").read_text()
     assert rep["bench"]["int4"]["file_bytes"] < rep["bench"]["fp32"]["file_bytes"]
     assert "drift INT4" in (out / "report.md").read_text() and r["int4_over_fp32"]["file_bytes"] < 1
     # run's defaults: the tied embedding INT8 and the weights in mmap'd external data

@@ -303,15 +303,17 @@ def sweep_loops(r: int, max_loops: int) -> list[int]:
     return sorted({2 ** i for i in range(max_loops.bit_length()) if 2 ** i <= max_loops} | {r})
 
 
-def sweep(rt, ids: np.ndarray, decode_tokens: int = 64, batch_size: int = 4, progress=None) -> list[dict]:
-    """Perplexity on `ids` and decode tokens/s per loop count (sweep_loops; needs the num_loops input)."""
+def sweep(rt, ids: np.ndarray, decode_tokens: int = 64, batch_size: int = 4, progress=None,
+          ctx: int | None = None) -> list[dict]:
+    """Perplexity on `ids` (windows of `ctx`, default the export's context, stride ctx // 2) and decode
+    tokens/s per loop count (sweep_loops; needs the num_loops input)."""
     if not rt.has_num_loops:
         raise RuntimeInputError(f"{rt.folder}: an unrolled export has no num_loops input, so no sweep")
     rows, loops = [], sweep_loops(rt.r, rt.max_loops)
     for i, L in enumerate(loops, 1):
-        ppl, n = rt.perplexity(ids, batch_size=batch_size, num_loops=L)
+        ppl, n = rt.perplexity(ids, ctx=ctx, batch_size=batch_size, num_loops=L)
         rows.append({"num_loops": L, "effective_layers": rt.n_begin + L * rt.n_middle + rt.n_end, "ppl": ppl,
-                     "tokens": n, "decode_tokens_per_s": decode_speed(rt, decode_tokens, L),
+                     "tokens": n, "ctx": ctx or rt.ctx, "stride": (ctx or rt.ctx) // 2, "decode_tokens_per_s": decode_speed(rt, decode_tokens, L),
                      "kv_bytes_per_token": rt.kv_bytes_per_token(L)})
         if progress is not None:
             progress(i, len(loops))
