@@ -14,14 +14,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from edgeloop.cli_values import draft_loops as _draft_loops, ints as _ints
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="edgeloop: INT4 deployment of looped (Hyperloop) transformers.")
+from edgeloop.cli_values import (APPROX_HELP, DRAFT_HELP, GRAPH, K_HELP, LOOPS, PANELS, PARITY,
+                                 draft_loops as _draft_loops, ints as _ints, opt as _opt, ordered_group)
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, cls=ordered_group(),
+                  help="edgeloop: INT4 deployment of looped (Hyperloop) transformers. Start with `edgeloop run`.")
 out = Console()
 err = Console(stderr=True)
-DRAFT_HELP = "self-speculation: draft at D loops (< num_loops), verify at full depth in one call; 'auto' calibrates"
-K_HELP = "with --draft-loops: drafts per verification"
-APPROX_HELP = "with --draft-loops: also where verification is not exact (shared KV cache, early exits)"
 
 
 def _command_line() -> str:
@@ -29,7 +28,7 @@ def _command_line() -> str:
     return "edgeloop " + " ".join(shlex.quote(a) for a in sys.argv[1:] if a != "--overwrite")
 
 
-@app.command()
+@app.command(rich_help_panel=PANELS["train"])
 def train(
     out_dir: Path = typer.Option(..., "-o", "--out", help="checkpoint folder to write"),
     config: str = typer.Option("hyperloop-tiny", help="a preset name or a config.json path"),
@@ -75,7 +74,7 @@ def train(
               f"{s['seconds'] / 60:.1f} min")
 
 
-@app.command()
+@app.command(rich_help_panel=PANELS["inspect"])
 def inspect(
     path: Path = typer.Argument(..., help="a checkpoint folder"),
     ppl: bool = typer.Option(False, help="also measure validation perplexity with the PyTorch model"),
@@ -91,7 +90,7 @@ def inspect(
     run_inspect(out, path, ppl, tokens, text, tensors, as_json)
 
 
-@app.command()
+@app.command(rich_help_panel=PANELS["generate"])
 def generate(
     model_dir: Path = typer.Argument(..., help="a checkpoint folder (PyTorch) or an export folder (onnxruntime)"),
     prompt: str = typer.Option(..., help="text to continue"),
@@ -141,44 +140,43 @@ def generate(
     out.print()
 
 
-@app.command("export")
+@app.command("export", rich_help_panel=PANELS["export"])
 def export_cmd(
     in_dir: Path = typer.Argument(..., help="a checkpoint folder (quantized or float; or any format "
                                             "`edgeloop import` reads)"),
     out_dir: Path = typer.Option(..., "-o", "--out", help="export folder to write"),
-    format: Optional[str] = typer.Option(None, "--format", help="matmulnbits (default for quantized), qdq, fp32 "
-                                         "(default for float), fp16"),
-    accuracy_level: int = typer.Option(0, help="MatMulNBits accuracy level: 0 (fp32) or 4 (int8 activations)"),
-    unroll: bool = typer.Option(False, help="write the loops out, no Loop (weights still stored once; with "
-                                "max_loops > r each loop past the first behind If(l < num_loops): num_loops stays an input)"),
-    max_seq_len: Optional[int] = typer.Option(None, help="context length of the export"),
-    opset: int = typer.Option(21),
-    external_data: Optional[bool] = typer.Option(None, "--external-data/--no-external-data",
-                                                 help="weights in model.onnx.data (default: only past 1.8 GB)"),
-    verify: bool = typer.Option(True, help="parity check vs PyTorch (--no-verify only for huge models)"),
-    ort: bool = typer.Option(False, "--ort", help="also write model.ort and required_operators.config "
-                             "(onnxruntime mobile / minimal builds)"),
-    kv_policy: Optional[str] = typer.Option(None, help="KV cache across loops: per-step (a slot per loop) or shared "
-                                            "(one slot per middle layer); default: the model's"),
-    kv_dtype: Optional[str] = typer.Option(None, help="the KV cache between steps: float32 (default) or float16 (half "
-                                           "the KV memory; eval reports its decode drift)"),
-    max_loops: Optional[int] = typer.Option(None, help="the most loops num_loops may ask for (default: the "
-                                            "model's; with per-loop parameters at most the trained max_loops, "
-                                            "whose first rows it keeps; = num_loops for onnxruntime-genai "
-                                            "with per-step KV)"),
-    init_state: str = typer.Option("zeros", help="the loop state's start: zeros, or random (the injection's "
-                                   "random start, e.g. Huginn's; an init_scale input, 0 = zeros)"),
-    seed: int = typer.Option(0, help="--init-state random: the generator's seed"),
-    fused: bool = typer.Option(False, "--fused", help="matmulnbits: onnxruntime's fused kernels (GroupQueryAttention, "
-                               "SimplifiedLayerNormalization, q/k/v and gate/up as one MatMulNBits each)"),
-    rotary_at_position_ids: bool = typer.Option(False, "--rotary-at-position-ids", help="--fused: RotaryEmbedding "
-                                                "at position_ids, not GroupQueryAttention's own (from seqlens_k)"),
-    parity_loops: Optional[str] = typer.Option(None, help="parity check: loop counts, e.g. 1,4,8 (default r and r/2, "
-                                               "and 2r where more loops may run; 1,2 past 1B parameters)"),
-    parity_steps: Optional[int] = typer.Option(None, help="parity check: decode steps (default 16; 2 past 1B "
-                                               "parameters)"),
-    tolerance: Optional[float] = typer.Option(None, help="parity check: the max |logit error| allowed (default: "
-                                              "1e-4 fp32, 1e-3 INT4, 0.5 at accuracy level 4)"),
+    format: Optional[str] = _opt(GRAPH, None, "--format", help="matmulnbits (default for quantized), qdq, fp32 "
+                                 "(default for float), fp16"),
+    accuracy_level: int = _opt(GRAPH, 0, help="MatMulNBits accuracy level: 0 (fp32) or 4 (int8 activations)"),
+    fused: bool = _opt(GRAPH, False, "--fused", help="matmulnbits: onnxruntime's fused kernels (GroupQueryAttention, "
+                       "SimplifiedLayerNormalization, q/k/v and gate/up as one MatMulNBits each)"),
+    rotary_at_position_ids: bool = _opt(GRAPH, False, "--rotary-at-position-ids", help="--fused: RotaryEmbedding "
+                                        "at position_ids, not GroupQueryAttention's own (from seqlens_k)"),
+    unroll: bool = _opt(GRAPH, False, help="write the loops out, no Loop (weights still stored once; with "
+                        "max_loops > r each loop past the first behind If(l < num_loops): num_loops stays an input)"),
+    opset: int = _opt(GRAPH, 21),
+    external_data: Optional[bool] = _opt(GRAPH, None, "--external-data/--no-external-data",
+                                         help="weights in model.onnx.data (default: only past 1.8 GB)"),
+    ort: bool = _opt(GRAPH, False, "--ort", help="also write model.ort and required_operators.config "
+                     "(onnxruntime mobile / minimal builds)"),
+    max_loops: Optional[int] = _opt(LOOPS, None, help="the most loops num_loops may ask for (default: the model's; "
+                                    "with per-loop parameters at most the trained max_loops, whose first rows it "
+                                    "keeps; = num_loops for onnxruntime-genai with per-step KV)"),
+    kv_policy: Optional[str] = _opt(LOOPS, None, help="KV cache across loops: per-step (a slot per loop) or shared "
+                                    "(one slot per middle layer); default: the model's"),
+    kv_dtype: Optional[str] = _opt(LOOPS, None, help="the KV cache between steps: float32 (default) or float16 (half "
+                                   "the KV memory; eval reports its decode drift)"),
+    max_seq_len: Optional[int] = _opt(LOOPS, None, help="context length of the export"),
+    init_state: str = _opt(LOOPS, "zeros", help="the loop state's start: zeros, or random (the injection's random "
+                           "start, e.g. Huginn's; an init_scale input, 0 = zeros)"),
+    seed: int = _opt(LOOPS, 0, help="--init-state random: the generator's seed"),
+    verify: bool = _opt(PARITY, True, help="parity check vs PyTorch (--no-verify only for huge models)"),
+    parity_loops: Optional[str] = _opt(PARITY, None, help="parity check: loop counts, e.g. 1,4,8 (default r and r/2, "
+                                       "and 2r where more loops may run; 1,2 past 1B parameters)"),
+    parity_steps: Optional[int] = _opt(PARITY, None, help="parity check: decode steps (default 16; 2 past 1B "
+                                       "parameters)"),
+    tolerance: Optional[float] = _opt(PARITY, None, help="parity check: the max |logit error| allowed (default: "
+                                      "1e-4 fp32, 1e-3 INT4, 0.5 at accuracy level 4)"),
     overwrite: bool = typer.Option(False),
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
@@ -229,7 +227,7 @@ def export_cmd(
     out.print(t)
 
 
-@app.command()
+@app.command(rich_help_panel=PANELS["quantize"])
 def quantize(
     in_dir: Path = typer.Argument(..., help="a float checkpoint folder (or any format `edgeloop import` reads)"),
     out_dir: Path = typer.Option(..., "-o", "--out", help="quantized checkpoint folder to write"),
@@ -301,7 +299,7 @@ def quantize(
     out.print(t)
 
 
-@app.command("import-nanochat")
+@app.command("import-nanochat", rich_help_panel=PANELS["import-nanochat"])
 def import_nanochat_cmd(
     ckpt_dir: Path = typer.Argument(..., help="looped-lm-scaling folder: model_<step>.pt + meta_<step>.json"),
     out_dir: Path = typer.Option(..., "-o", "--out", help="edgeloop checkpoint folder to write"),
@@ -328,7 +326,7 @@ def import_nanochat_cmd(
     out.print(t)
 
 
-@app.command("import")
+@app.command("import", rich_help_panel=PANELS["import"])
 def import_cmd(
     src: Path = typer.Argument(..., help="a checkpoint folder in a foreign format (detected; see --format)"),
     out_dir: Path = typer.Option(..., "-o", "--out", help="edgeloop checkpoint folder to write"),
@@ -356,7 +354,7 @@ def import_cmd(
     out.print(t)
 
 
-@app.command("eval")
+@app.command("eval", rich_help_panel=PANELS["eval"])
 def eval_cmd(
     model_dir: Path = typer.Argument(..., help="an export folder"),
     reference: Optional[Path] = typer.Option(None, help="the float PyTorch checkpoint (default: the export's "
@@ -377,7 +375,7 @@ def eval_cmd(
              exit_threshold)
 
 
-@app.command()
+@app.command(rich_help_panel=PANELS["bench"])
 def bench(
     model_dir: Path = typer.Argument(..., help="an export folder"),
     ep: str = typer.Option("cpu", help="execution provider: cpu, webgpu, cuda, coreml, nnapi, qnn, dml"),
@@ -407,7 +405,7 @@ def bench(
               exit_threshold=exit_threshold, draft_loops=draft, lookahead=lookahead, approximate=draft_approximate)
 
 
-@app.command("run")
+@app.command("run", rich_help_panel=PANELS["run"])
 def run_cmd(
     checkpoint: Path = typer.Argument(..., help="a float checkpoint folder"),
     out_dir: Path = typer.Option(..., "-o", "--out", help="folder for every stage's output and the report"),
@@ -454,7 +452,7 @@ def run_cmd(
         f", {out_dir / 'sweep.png'}" if r["sweep"] else ""))
 
 
-@app.command()
+@app.command(rich_help_panel=PANELS["serve"])
 def serve(
     model_dir: Path = typer.Argument(..., help="an export folder"),
     host: str = typer.Option("127.0.0.1", help="loopback address to bind (127.0.0.1 or ::1)"),

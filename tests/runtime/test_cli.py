@@ -137,3 +137,16 @@ def test_bad_input_from_a_real_process(tiny):
                         "--ep", "coreml"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
     assert "CoreMLExecutionProvider" in r.stderr and "not available" in r.stderr
+
+
+def test_help_lists_the_main_job_first_and_export_flags_by_intent():
+    from typer.testing import CliRunner
+
+    from edgeloop.cli import app
+
+    top = CliRunner().invoke(app, ["--help"], env={"COLUMNS": "100"}).output
+    at = [top.index(f"│ {c} ") for c in ("run", "import", "quantize", "export", "eval", "bench", "generate", "train")]
+    assert at == sorted(at) and top.index("Main job") < top.index("Pipeline stages") < top.index("More")
+    exp = CliRunner().invoke(app, ["export", "--help"], env={"COLUMNS": "100"}).output
+    assert exp.index("Graph") < exp.index("--fused") < exp.index("Loops and KV cache") < exp.index("--max-loops") \
+        < exp.index("Parity check") < exp.index("--tolerance")
