@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from edgeloop.io import cause
+
 
 def _environment():
     import jinja2
@@ -49,7 +51,7 @@ def render(tokenizer_config: dict[str, Any], messages: list[dict[str, str]], add
     except ValueError:
         raise
     except Exception as e:  # jinja2's template errors
-        raise ValueError(f"chat template: cannot be rendered ({type(e).__name__}: {e})") from None
+        raise ValueError(f"chat template: cannot be rendered ({type(e).__name__}: {cause(e)})") from None
 
 
 def prompt_ids(tokenizer, folder, prompt: str, chat: bool) -> list[int]:

@@ -105,6 +105,12 @@ def read_json_object(path: str | os.PathLike) -> dict:
     return d
 
 
+def cause(e: BaseException, limit: int = 160) -> str:
+    """A library's error message as one short line: whitespace collapsed, cut at `limit` characters."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import queue
 import resource
 import struct
@@ -198,6 +199,8 @@ def problems(ans: dict, names: tuple[str, ...], library: bool = False) -> list[s
     lines = [ln for ln in text.strip().splitlines() if ln.strip()]
     if len(lines) != 1:
         bad.append(f"{len(lines)} lines instead of one: {text[-1500:]!r}")
+    if lines and len(re.sub(r"/\S+", "/P", lines[0])) > 300:  # paths aside, an error line stays short
+        bad.append(f"a line of {len(lines[0])} characters: {lines[0][:400]!r}")
     if "Traceback" in text:
         bad.append("a traceback")
     if names and not any(n.lower() in text.lower() for n in names):

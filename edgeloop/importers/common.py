@@ -24,7 +24,7 @@ from typing import Callable, Iterator
 
 import torch
 
-from edgeloop.io import atomic_dir, check_output_dir, write_json
+from edgeloop.io import atomic_dir, cause, check_output_dir, write_json
 from edgeloop.model.config import HyperloopConfig
 from edgeloop.tensors import Header, write_safetensors
 
@@ -181,7 +181,7 @@ def read_json(path: Path, err: type[ImporterError], what: str = "") -> dict:
     except FileNotFoundError:
         raise err(f"{path.parent}: {path.name} is missing{what}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise err(f"{path}: not valid JSON ({e})") from None
+        raise err(f"{path}: not valid JSON ({cause(e)})") from None
     if not isinstance(d, dict):
         raise err(f"{path}: expected a JSON object")
     return d
@@ -222,7 +222,7 @@ class Safetensors:
                         sl = f.get_slice(n)
                         self.header[n] = (sl.get_dtype(), tuple(sl.get_shape()))
             except (SafetensorError, OSError, ValueError) as e:
-                raise err(f"{path}: corrupt or truncated safetensors ({e})") from None
+                raise err(f"{path}: corrupt or truncated safetensors ({cause(e)})") from None
             if self.shard_of:  # the index and its shards must agree, both ways
                 listed = {n for n, s in self.shard_of.items() if s == shard}
                 lost, unlisted = sorted(listed - set(names)), sorted(set(names) - listed)
@@ -251,7 +251,7 @@ class Safetensors:
                         try:
                             yield n, f.get_tensor(n)
                         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-                            raise self.err(f"{path}: tensor '{n}' cannot be read ({e})") from None
+                            raise self.err(f"{path}: tensor '{n}' cannot be read ({cause(e)})") from None
 
 
 def mapped_header(folder: Path, st: "Safetensors", cfg: HyperloopConfig, names: dict[str, str],

@@ -10,7 +10,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from edgeloop.io import JSONFileError, atomic_dir, read_json_object, write_json
+from edgeloop.io import JSONFileError, atomic_dir, cause, read_json_object, write_json
 from edgeloop.model.config import ConfigError, HyperloopConfig
 from edgeloop.model.model import Hyperloop, meta_model
 
@@ -57,14 +57,14 @@ def open_safetensors(path: Path):
     try:
         return safe_open(str(path), framework="pt")
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: corrupt or truncated safetensors ({e})") from None
+        raise CheckpointError(f"{path}: corrupt or truncated safetensors ({cause(e)})") from None
 
 
 def read_tensor(f, name: str, path: Path) -> torch.Tensor:
     try:
         return f.get_tensor(name)
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise CheckpointError(f"{path}: tensor '{name}' cannot be read ({e})") from None
+        raise CheckpointError(f"{path}: tensor '{name}' cannot be read ({cause(e)})") from None
 
 
 def check_finite(name: str, t: torch.Tensor) -> None:

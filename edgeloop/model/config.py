@@ -232,7 +232,11 @@ class HyperloopConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ConfigError(f"config field '{unknown[0]}' is unknown (known: {', '.join(sorted(known))})")
+            import difflib
+
+            close = difflib.get_close_matches(unknown[0], known, n=1, cutoff=0.6)
+            hint = f"did you mean '{close[0]}'?" if close else f"not one of the {len(known)} fields of HyperloopConfig"
+            raise ConfigError(f"config field '{unknown[0]}' is unknown ({hint})")
         return cls(**d).validate()
 
     @classmethod

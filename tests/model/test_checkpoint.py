@@ -68,7 +68,7 @@ def test_bad_tensors(ck, edit, msg):
 
 
 @pytest.mark.parametrize("edit,msg", [
-    (lambda d: d.update(n_loops=3), "'n_loops' is unknown"),
+    (lambda d: d.update(n_loops=3), "'n_loops' is unknown \\(did you mean 'num_loops'\\?\\)$"),
     (lambda d: d.update(d_model=-1), "'d_model'"),
     (lambda d: d.update(hc="lanes"), "'hc'"),
     (lambda d: d.update(model_type="llama"), "'model_type'"),
