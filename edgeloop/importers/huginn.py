@@ -186,7 +186,7 @@ class Huginn(HFImporter):
         if any(".norm_3." in n or ".norm_4." in n for n in missing):
             raise HuginnImportError(f"{folder}: tensor '{next(n for n in missing if '.norm_' in n)}' is missing: not "
                                     f"a sandwich block, though other blocks have norm_3 / norm_4")
-        if any(n.endswith("attn.qk_bias") for n in extra):
+        if block != "sandwich" and any(n.endswith("attn.qk_bias") for n in extra):
             raise HuginnImportError(f"{folder}: tensor '{next(n for n in extra if n.endswith('qk_bias'))}': q/k "
                                     f"biases in a retrofitted block without norm_3 / norm_4 (no published retrofit "
                                     f"has them; edgeloop does not implement them)")
