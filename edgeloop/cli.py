@@ -145,11 +145,14 @@ def export_cmd(
     in_dir: Path = typer.Argument(..., help="a checkpoint folder (quantized or float; or any format "
                                             "`edgeloop import` reads)"),
     out_dir: Path = typer.Option(..., "-o", "--out", help="export folder to write"),
-    format: Optional[str] = _opt(GRAPH, None, "--format", help="matmulnbits (default for quantized), qdq, fp32 "
-                                 "(default for float), fp16"),
+    target: str = _opt(GRAPH, "cpu", help="what the export is for: cpu, webgpu, genai (onnxruntime-genai) or "
+                       "portable (standard ONNX ops only); it picks the settings below that are not given"),
+    format: Optional[str] = _opt(GRAPH, None, "--format", help="matmulnbits (quantized; qdq for --target portable), "
+                                 "fp32 (float), fp16"),
     accuracy_level: int = _opt(GRAPH, 0, help="MatMulNBits accuracy level: 0 (fp32) or 4 (int8 activations)"),
-    fused: bool = _opt(GRAPH, False, "--fused", help="matmulnbits: onnxruntime's fused kernels (GroupQueryAttention, "
-                       "SimplifiedLayerNormalization, q/k/v and gate/up as one MatMulNBits each)"),
+    fused: Optional[bool] = _opt(GRAPH, None, "--fused/--no-fused", help="matmulnbits: onnxruntime's fused kernels "
+                                 "(GroupQueryAttention, SimplifiedLayerNormalization, q/k/v and gate/up as one "
+                                 "MatMulNBits each); default: on, except --target portable"),
     rotary_at_position_ids: bool = _opt(GRAPH, False, "--rotary-at-position-ids", help="--fused: RotaryEmbedding "
                                         "at position_ids, not GroupQueryAttention's own (from seqlens_k)"),
     unroll: bool = _opt(GRAPH, False, help="write the loops out, no Loop (weights still stored once; with "
@@ -181,12 +184,13 @@ def export_cmd(
     as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
 ):
     """Export to ONNX: the middle block as ONE Loop, INT4 weights stored once, KV cache in/out."""
-    from edgeloop.export import ExportConfig, export_checkpoint
+    from edgeloop.export import ExportConfig, export_checkpoint, export_rows
     from edgeloop.importers import temporary_checkpoint
 
     if not verify:
         err.print("[bold yellow]warning:[/] --no-verify: the export is NOT parity-checked against PyTorch")
-    ec = ExportConfig(format=format, accuracy_level=accuracy_level, unroll=unroll, max_seq_len=max_seq_len,
+    ec = ExportConfig(target=target, format=format, accuracy_level=accuracy_level, unroll=unroll,
+                      max_seq_len=max_seq_len,
                       opset=opset, verify=verify, external_data=external_data, ort=ort, kv_policy=kv_policy,
                       kv_dtype=kv_dtype,
                       max_loops=max_loops, init_state=init_state, seed=seed, decode_steps=parity_steps, fused=fused,
@@ -198,32 +202,9 @@ def export_cmd(
     if as_json:
         out.print_json(json.dumps(s))
         return
-    g = s["graph"]
     t = Table(title=f"{out_dir}", show_header=False)
-    t.add_row("format", s["format"] + (" (unrolled)" if s["unroll"] else ""))
-    t.add_row("nodes", f"{g['nodes']} in the main graph, {g['body_nodes']} in the Loop body")
-    t.add_row("Loop", "yes: the middle block is one Loop" if g["loop"] else "no (unrolled)")
-    t.add_row("rotary", "inside GroupQueryAttention (positions from seqlens_k)" if s.get("rotary") ==
-              "GroupQueryAttention" else f"{s.get('rotary')} at position_ids")
-    t.add_row("initializers", ", ".join(f"{k} {v:,} B" for k, v in g["initializer_bytes"].items()))
-    t.add_row("files", ", ".join(f"{k} {v:,} B" for k, v in s["file_bytes"].items()))
-    p = s["parity"]
-    t.add_row("parity", "not checked" if p is None else
-              f"max |logit error| {p['max_abs_err']:.2e} ≤ {p['tolerance']:g} vs {p['reference']} PyTorch "
-              f"(num_loops {', '.join(p['by_num_loops'])}; prefill + "
-              f"{next(iter(p['by_num_loops'].values()))['steps']} decode steps; a left-padded batch of two"
-              + (f"; the in-place cache vs the growing one {p['in_place']['max_abs_diff']:.1e}" if p and p.get("in_place")
-                 else "") + ")")
-    if s.get("ort"):
-        o = s["ort"]
-        t.add_row("ORT format", f"{o['file']} {o['bytes']:,} B ({o['style']}, {o['optimization']} optimizations; "
-                  f"{len(o['operators'])} operator lines in {o['required_operators']}; "
-                  f"max |logit difference| to model.onnx {o['max_abs_diff_vs_onnx']:.1e})")
-    kv = s.get("kv") or {}
-    t.add_row("KV cache", f"{kv.get('layers')} slots ({kv.get('policy')}, {kv.get('dtype')})" +
-              ("; in place: each step writes its keys/values into the past's buffer" if kv.get("in_place") else ""))
-    gs = s.get("genai") or {"config": True}
-    t.add_row("onnxruntime-genai", "genai_config.json" if gs["config"] else f"no genai_config.json: {gs['why']}")
+    for row in export_rows(s):
+        t.add_row(*row)
     out.print(t)
 
 

@@ -150,11 +150,12 @@ def stages(source: Path, ckpt: Path, tmp: Path, out: Path, rc: RunConfig, plan: 
 
     fp32_source = out / "imported" if ckpt != source else source
     quant = stage("quantize", lambda: quantize_checkpoint(ckpt, tmp / "int4", plan["qc"], progress=False))
+    target = "webgpu" if rc.ep == "webgpu" else "cpu"  # the export's defaults for where it runs (fused graph)
     exp_int4 = stage("export INT4", lambda: export_checkpoint(
-        tmp / "int4", tmp / "onnx-int4", ExportConfig(format=rc.format, accuracy_level=rc.accuracy_level,
-                                                      external_data=rc.external_data), source=out / "int4"))
-    exp_fp32 = stage("export fp32", lambda: export_checkpoint(
-        ckpt, tmp / "onnx-fp32", ExportConfig(format="fp32", external_data=rc.external_data), source=fp32_source))
+        tmp / "int4", tmp / "onnx-int4", ExportConfig(target=target, format=rc.format, external_data=rc.external_data,
+                                                      accuracy_level=rc.accuracy_level), source=out / "int4"))
+    exp_fp32 = stage("export fp32", lambda: export_checkpoint(ckpt, tmp / "onnx-fp32", ExportConfig(
+        target=target, format="fp32", external_data=rc.external_data), source=fp32_source))
     drift = stage("eval INT4", lambda: evaluate_drift(tmp / "onnx-int4", ckpt, rc.ep, rc.eval_tokens,
                                                       text=rc.eval_text, threads=rc.threads))
     drift_fp32 = stage("eval fp32", lambda: evaluate_drift(tmp / "onnx-fp32", ckpt, rc.ep, rc.eval_tokens,

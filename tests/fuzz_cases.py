@@ -69,7 +69,7 @@ CONFIG_CASES = [  # (edit of ck, command, words)
     (config_edit(setter(num_loops=10**9)), "quantize", ("num_loops",)),
     (config_edit(setter(num_loops=10**9, vocab_size=10)), "inspect", ("num_loops",)),
     (config_edit(setter(vocab_size=10)), "inspect", ("embed.weight",)),
-    (config_edit(setter(max_loops=3000)), "export", ("--kv-policy shared",)),
+    (config_edit(setter(num_loops=3000, max_loops=3000)), "export", ("--kv-policy shared",)),
     (config_edit(setter(d_model=2**70)), "export", ("d_model",)),
     (config_edit(setter(extra=5)), "inspect", ("extra",)),
     (config_edit(setter(n_loops=3)), "quantize", ("n_loops",)),

@@ -76,7 +76,7 @@ def test_export_num_loops_1e9_is_one_line_fast(base, worker, tmp_path, name):
 def test_export_refuses_huge_per_step_kv_and_suggests_shared(base, worker, tmp_path):
     ck = copy(base, "test-none", tmp_path)  # no per-loop parameters: any max_loops is allowed by the config
     edit_config(ck, max_loops=4000)
-    refused(worker, tmp_path, ["export", ck, "-o", tmp_path / "out"], ("--kv-policy shared",))
+    refused(worker, tmp_path, ["export", ck, "-o", tmp_path / "out", "--max-loops", "4000"], ("--kv-policy shared",))
     from edgeloop.export import ExportConfig, export_config
 
     cfg = export_config(load_config(ck), ExportConfig(kv_policy="shared"))  # the shared cache is fine

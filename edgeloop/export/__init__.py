@@ -45,10 +45,46 @@ class ExportConfig:
                                   # model with per-loop parameters keeps their first max_loops rows
     init_state: str = "zeros"  # "zeros" | "random": the injection's random start behind the init_scale input
     seed: int = 0  # the random start's generator seed
-    fused: bool = False  # matmulnbits: onnxruntime's fused kernels (GroupQueryAttention, SimplifiedLayerNorm,
+    target: str | None = None  # "cpu" | "webgpu" | "genai" | "portable": the settings left None chosen for it
+                               # (resolve_target; the CLI's default is "cpu"); None: exactly what is set here
+    fused: bool | None = False  # matmulnbits: onnxruntime's fused kernels (GroupQueryAttention, SimplifiedLayerNorm,
                          # SkipSimplifiedLayerNorm, q/k/v and gate/up as one MatMulNBits each)
     rotary_at_position_ids: bool = False  # fused: rotate by RotaryEmbedding at the position_ids input even where
                                           # GroupQueryAttention's own rotary (positions from seqlens_k) is exact
+
+
+TARGETS = ("cpu", "webgpu", "genai", "portable")
+
+
+def resolve_target(ec: ExportConfig, cfg, fmt: str | None, quantized: bool) -> tuple[ExportConfig, dict[str, str]]:
+    """The settings `ec` leaves open (format None, fused None, max_loops None) chosen for ec.target, each with
+    why. cpu / webgpu / genai: the fused graph (onnxruntime's kernels; parity-checked like every export) for a
+    quantized model, and where per-step KV slots past r would keep onnxruntime-genai from driving the export,
+    max_loops = r (the num_loops dial keeps 1..r; --max-loops N for more). portable: standard ONNX ops only
+    (qdq: DequantizeLinear + MatMul, no contrib ops), any runtime."""
+    if ec.target is None:
+        return dataclasses.replace(ec, fused=bool(ec.fused)), {}
+    if ec.target not in TARGETS:
+        raise ValueError(f"--target {ec.target!r}: one of {', '.join(TARGETS)}")
+    why: dict[str, str] = {}
+    if fmt is None:
+        fmt = ("qdq" if ec.target == "portable" else "matmulnbits") if quantized else "fp32"
+        why["format"] = {"qdq": "standard ONNX ops only", "matmulnbits": "onnxruntime's INT4 kernel",
+                         "fp32": "a float checkpoint"}[fmt]
+    fused = ec.fused
+    if fused is None:
+        fused = fmt == "matmulnbits" and ec.target != "portable" and cfg.head_dim % 8 == 0
+        why["fused"] = ("onnxruntime's fused kernels: the fastest graph, parity-checked" if fused else
+                        f"off: GroupQueryAttention needs a head width that is a multiple of 8, not {cfg.head_dim}"
+                        if fmt == "matmulnbits" and ec.target != "portable" else
+                        "off: the fused graph is onnxruntime's contrib ops over MatMulNBits")
+    max_loops = ec.max_loops
+    per_step = (ec.kv_policy or cfg.kv_policy) == "per-step"
+    if max_loops is None and ec.target != "portable" and per_step and cfg.loop_limit > cfg.num_loops:
+        max_loops = cfg.num_loops
+        why["max_loops"] = (f"{cfg.num_loops} (r): per-step KV slots of loops {cfg.num_loops + 1}..{cfg.loop_limit} "
+                            f"would keep onnxruntime-genai from driving it; --max-loops {cfg.loop_limit} for them")
+    return dataclasses.replace(ec, format=fmt, fused=fused, max_loops=max_loops), why
 
 
 def default_tolerance(fmt: str, accuracy_level: int) -> float:
@@ -118,6 +154,7 @@ def export_checkpoint(in_dir: str | Path, out_dir: str | Path, ec: ExportConfig 
         raise ValueError(f"--opset {ec.opset}: edgeloop exports opset 21 (blocked int4 DequantizeLinear)")
     t0 = time.time()
     raw, cfg, _ = check_checkpoint(in_dir)  # config and every tensor header, before the config sizes anything
+    ec, choices = resolve_target(ec, cfg, ec.format, bool(raw.get("quantization_config")))
     fmt = ec.format or ("matmulnbits" if raw.get("quantization_config") else "fp32")
     if fmt not in FORMATS:
         raise ValueError(f"--format {fmt!r}: use one of {', '.join(FORMATS)}")
@@ -129,7 +166,37 @@ def export_checkpoint(in_dir: str | Path, out_dir: str | Path, ec: ExportConfig 
     check_output_dir(out_dir, overwrite)
     ec = dataclasses.replace(ec, format=fmt)
     with atomic_dir(out_dir, overwrite) as tmp:
-        summary = write_folder(Path(in_dir), tmp, cfg, raw, ec, progress=progress, source=source)
+        summary = write_folder(Path(in_dir), tmp, cfg, raw, ec, progress=progress, source=source,
+                               target={"name": ec.target, "choices": choices})
         summary["seconds"] = round(time.time() - t0, 2)
     summary["path"] = str(out_dir)
     return summary
+
+
+def export_rows(s: dict) -> list[tuple[str, str]]:
+    """The export's summary as (field, value) rows: what `edgeloop export` prints."""
+    g, p, kv, gs, tg = s["graph"], s["parity"], s.get("kv") or {}, s.get("genai") or {"config": True}, s.get("target") or {}
+    rows = [("format", s["format"] + (" (unrolled)" if s["unroll"] else "") + (", fused" if s.get("fused") else ""))]
+    if tg.get("name"):
+        rows.append(("target", tg["name"] + "".join(f"; {k}: {v}" for k, v in tg["choices"].items())))
+    rows += [("nodes", f"{g['nodes']} in the main graph, {g['body_nodes']} in the Loop body"),
+             ("Loop", "yes: the middle block is one Loop" if g["loop"] else "no (unrolled)"),
+             ("rotary", "inside GroupQueryAttention (positions from seqlens_k)" if s.get("rotary") ==
+              "GroupQueryAttention" else f"{s.get('rotary')} at position_ids"),
+             ("initializers", ", ".join(f"{k} {v:,} B" for k, v in g["initializer_bytes"].items())),
+             ("files", ", ".join(f"{k} {v:,} B" for k, v in s["file_bytes"].items()))]
+    rows.append(("parity", "not checked" if p is None else
+                 f"max |logit error| {p['max_abs_err']:.2e} ≤ {p['tolerance']:g} vs {p['reference']} PyTorch "
+                 f"(num_loops {', '.join(p['by_num_loops'])}; prefill + "
+                 f"{next(iter(p['by_num_loops'].values()))['steps']} decode steps; a left-padded batch of two"
+                 + (f"; the in-place cache vs the growing one {p['in_place']['max_abs_diff']:.1e}"
+                    if p.get("in_place") else "") + ")"))
+    if s.get("ort"):
+        o = s["ort"]
+        rows.append(("ORT format", f"{o['file']} {o['bytes']:,} B ({o['style']}, {o['optimization']} optimizations; "
+                     f"{len(o['operators'])} operator lines in {o['required_operators']}; "
+                     f"max |logit difference| to model.onnx {o['max_abs_diff_vs_onnx']:.1e})"))
+    rows.append(("KV cache", f"{kv.get('layers')} slots ({kv.get('policy')}, {kv.get('dtype')})" +
+                 ("; in place: each step writes its keys/values into the past's buffer" if kv.get("in_place") else "")))
+    rows.append(("onnxruntime-genai", "genai_config.json" if gs["config"] else f"no genai_config.json: {gs['why']}"))
+    return rows

@@ -94,7 +94,8 @@ def in_place(model: ir.Model) -> bool:
     return bool(pairs) and all(past is not None and writes(out, past) for out, past in pairs)
 
 
-def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, progress=None, source=None) -> dict:
+def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, progress=None, source=None,
+                 target: dict | None = None) -> dict:
     import onnxruntime as ort
 
     from edgeloop.export import ExportError, default_tolerance
@@ -127,6 +128,7 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
         onnx.save(proto, path)
     manifest = {"format": ec.format, "accuracy_level": ec.accuracy_level if ec.format in ("matmulnbits", "qdq") else None,
                 "unroll": ec.unroll, "fused": ec.fused, "rotary": rotary_op(model), "opset": ec.opset,
+                "target": target or {"name": None, "choices": {}},
                 "effective_layers": cfg.effective_layers,
                 "num_loops": cfg.num_loops, "max_loops": cfg.loop_limit, "kv_policy": cfg.kv_policy,
                 "trained_loops": trained_loops(cfg),
@@ -206,7 +208,7 @@ def write_folder(in_dir: Path, out: Path, cfg: HyperloopConfig, raw: dict, ec, p
     write_json(out / "config.json", optimum_config(cfg, manifest["generation"], raw))
     write_json(out / "manifest.json", manifest)
     return {k: manifest.get(k) for k in ("format", "unroll", "graph", "parity", "file_bytes", "effective_layers", "ort",
-                                         "genai", "kv", "rotary")}
+                                         "genai", "kv", "rotary", "target", "fused", "max_loops")}
 
 
 def trained_loops(cfg: HyperloopConfig) -> dict:

@@ -203,3 +203,35 @@ def test_per_loop_parameters_up_to_max_loops(tmp_path, tok, name):
         cfg.n_begin + cfg.num_loops * cfg.n_middle + cfg.n_end
     with pytest.raises(ValueError, match="per-loop parameters"):
         export_checkpoint(tmp_path / "ck", tmp_path / "o", ExportConfig(max_loops=cfg.loop_limit + 1))
+
+
+def test_target_picks_the_defaults_and_says_why(demo_int4, tmp_path, monkeypatch, capsys):
+    """`edgeloop export` with no flags (--target cpu): the fused graph, and max_loops = r so that
+    onnxruntime-genai can drive it (the demo's max_loops is 6 > r = 4 with per-step KV); --target portable:
+    standard ONNX ops only; given flags win over the target's choices."""
+    from tests.conftest import run_cli
+
+    ck = demo_int4.parent / "ck"
+    code, out, err = run_cli(monkeypatch, capsys, "export", ck, "-o", tmp_path / "cpu", "--parity-steps", "1", "--json")
+    s = json.loads(out)
+    assert code == 0, err
+    assert s["fused"] and s["max_loops"] == 4 and s["genai"]["config"] and (tmp_path / "cpu" / "genai_config.json").is_file()
+    assert set(s["target"]["choices"]) == {"format", "fused", "max_loops"} and s["target"]["name"] == "cpu"
+    m = json.loads((tmp_path / "cpu" / "manifest.json").read_text())
+    assert m["target"] == s["target"] and m["max_loops"] == 4 and m["fused"]
+    code, out, err = run_cli(monkeypatch, capsys, "export", ck, "-o", tmp_path / "portable", "--target", "portable",
+                             "--parity-steps", "1", "--json")
+    s = json.loads(out)
+    assert code == 0 and s["format"] == "qdq" and not s["fused"] and s["max_loops"] == 6
+    model = onnx.load(str(tmp_path / "portable" / "model.onnx"))
+    nodes = list(model.graph.node)
+    for n in nodes:  # the Loop's body and the If branches too (appended while walking)
+        nodes += [b for a in n.attribute if a.type == onnx.AttributeProto.GRAPH for b in a.g.node]
+    assert {n.domain for n in nodes} <= {"", "ai.onnx"}  # standard ops only
+    code, out, err = run_cli(monkeypatch, capsys, "export", ck, "-o", tmp_path / "mine", "--no-fused", "--max-loops",
+                             "6", "--parity-steps", "1", "--json")
+    s = json.loads(out)
+    assert code == 0 and not s["fused"] and s["max_loops"] == 6 and not s["genai"]["config"]
+    assert set(s["target"]["choices"]) == {"format"}
+    code, out, err = run_cli(monkeypatch, capsys, "export", ck, "-o", tmp_path / "bad", "--target", "phone")
+    assert code == 2 and "--target 'phone'" in err and not (tmp_path / "bad").exists()
