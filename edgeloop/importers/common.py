@@ -277,6 +277,39 @@ def mapped_header(folder: Path, st: "Safetensors", cfg: HyperloopConfig, names: 
     return header
 
 
+@dataclass
+class HFWeights:
+    """A Llama-named Hugging Face folder's weights read by the shared steps: the mapped header, the tokenizer
+    files with generation_config.json, and the source dtypes."""
+    st: "Safetensors"
+    names: dict[str, str]
+    ignored: list[str]
+    header: Header
+    files: dict[str, bytes]
+    tokenizer: Path | None
+    dtypes: list[str]
+
+    def stream(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(edgeloop name, tensor), shard by shard."""
+        for theirs, t in self.st.stream(set(self.names)):
+            yield self.names[theirs], t
+
+
+def read_hf_weights(folder: Path, raw: dict, cfg: HyperloopConfig, names: dict[str, str], err: type[ImporterError],
+                    copied: tuple[str, ...], chat_end: str | None, bias_why: str) -> HFWeights:
+    """The steps every Llama-named importer shares: safetensors headers mapped by `names` (a baked rotary
+    inv_freq and a tied model's lm_head copy ignored; an unexpected bias named with `bias_why`), the tokenizer
+    files and generation_config.json."""
+    st = Safetensors(folder, err)
+    ignored = sorted(n for n in st.header if n.endswith("rotary_emb.inv_freq")
+                     or (cfg.tie_embeddings and n == "lm_head.weight"))
+    header = mapped_header(folder, st, cfg, names, err, ignored, lambda n: bias_why if n.endswith(".bias") else "")
+    files, tok = tokenizer_files(folder, cfg, err, copied)
+    files["generation_config.json"] = generation_config(folder, raw, tok, err, chat_end)
+    dtypes = sorted({str(dt).removeprefix("torch.") for dt, _ in header.values()})
+    return HFWeights(st, names, ignored, header, files, tok, dtypes)
+
+
 def tokenizer_files(folder: Path, cfg: HyperloopConfig, err: type[ImporterError], names: tuple[str, ...]
                     ) -> tuple[dict[str, bytes], Path | None]:
     """The tokenizer files among `names` that the folder has, and its tokenizer.json (checked: it loads and

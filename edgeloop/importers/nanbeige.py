@@ -19,8 +19,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeloop.importers.common import (HFImporter, ImporterError, Safetensors, Source, card, generation_config,
-                                       mapped_header, read_json, register, tokenizer_files)
+from edgeloop.importers.common import (HFImporter, ImporterError, Source, card, read_hf_weights,
+                                       read_json, register)
 from edgeloop.model.config import ConfigError, HyperloopConfig
 
 MODEL_TYPE = "nanbeige"
@@ -111,16 +111,9 @@ class Nanbeige(HFImporter):
 
     def read(self, folder: Path) -> Source:
         raw, cfg = config_of(folder)
-        st = Safetensors(folder, NanbeigeImportError)
-        names = key_map(cfg)
-        # inv_freq: a buffer some copies bake in (recomputed here from rope_theta); a tied model's lm_head copy
-        ignored = sorted(n for n in st.header if n.endswith("rotary_emb.inv_freq")
-                         or (cfg.tie_embeddings and n == "lm_head.weight"))
-        header = mapped_header(folder, st, cfg, names, NanbeigeImportError, ignored,
-                               lambda n: " (a bias: not in Nanbeige4.2)" if n.endswith(".bias") else "")
-        files, tok = tokenizer_files(folder, cfg, NanbeigeImportError, COPIED)
-        files["generation_config.json"] = generation_config(folder, raw, tok, NanbeigeImportError, CHAT_END)
-        dtypes = sorted({str(dt).removeprefix("torch.") for dt, _ in header.values()})
+        hw = read_hf_weights(folder, raw, cfg, key_map(cfg), NanbeigeImportError, COPIED, CHAT_END,
+                             " (a bias: not in Nanbeige4.2)")
+        files, dtypes, tok, st, ignored = hw.files, hw.dtypes, hw.tokenizer, hw.st, hw.ignored
         norm = ("after the last loop only (skip_loop_final_norm)" if not cfg.norm_each_loop else
                 "model.norm after every loop, fed to the next; the last one is the head's")
         files["README.md"] = card(f"{folder.resolve().name}, imported", (
@@ -142,9 +135,4 @@ class Nanbeige(HFImporter):
                    "source_dtypes": dtypes, "stored_dtype": "/".join(dtypes), "shards": len(st.names_in),
                    "ignored": ignored, "tokenizer": str(tok) if tok else None, "vocab_size": cfg.vocab_size,
                    "hc": cfg.hc, "injection": cfg.injection}
-
-        def stream():
-            for theirs, t in st.stream(set(names)):
-                yield names[theirs], t
-
-        return Source(cfg, header, stream, files, summary)
+        return Source(cfg, hw.header, hw.stream, files, summary)

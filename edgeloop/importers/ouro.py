@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from edgeloop.importers.common import (HFImporter, ImporterError, Safetensors, Source, card, generation_config,
-                                       mapped_header, read_json, register, tokenizer_files)
+from edgeloop.importers.common import (HFImporter, ImporterError, Source, card, read_hf_weights,
+                                       read_json, register)
 from edgeloop.model.config import ConfigError, HyperloopConfig
 
 MODEL_TYPE = "ouro"
@@ -100,15 +100,9 @@ class Ouro(HFImporter):
 
     def read(self, folder: Path) -> Source:
         raw, cfg = config_of(folder)
-        st = Safetensors(folder, OuroImportError)
-        names = key_map(cfg)
-        ignored = sorted(n for n in st.header if n.endswith("rotary_emb.inv_freq")
-                         or (cfg.tie_embeddings and n == "lm_head.weight"))
-        header = mapped_header(folder, st, cfg, names, OuroImportError, ignored,
-                               lambda n: " (an attention bias: not in Ouro)" if n.endswith(".bias") else "")
-        files, tok = tokenizer_files(folder, cfg, OuroImportError, COPIED)
-        files["generation_config.json"] = generation_config(folder, raw, tok, OuroImportError, CHAT_END)
-        dtypes = sorted({str(dt).removeprefix("torch.") for dt, _ in header.values()})
+        hw = read_hf_weights(folder, raw, cfg, key_map(cfg), OuroImportError, COPIED, CHAT_END,
+                             " (an attention bias: not in Ouro)")
+        files, dtypes, tok, st, ignored = hw.files, hw.dtypes, hw.tokenizer, hw.st, hw.ignored
         files["README.md"] = card(f"{folder.resolve().name}, imported", (
             f"Imported by `edgeloop import` from the Hugging Face `ouro` folder `{folder.resolve()}` (Ouro, arXiv "
             f"2510.25741). Weights only, unchanged ({'/'.join(dtypes)}); their licence is the source's (Apache-2.0 "
@@ -124,9 +118,4 @@ class Ouro(HFImporter):
                    "source_dtypes": dtypes, "stored_dtype": "/".join(dtypes), "shards": len(st.names_in),
                    "ignored": ignored, "tokenizer": str(tok) if tok else None, "vocab_size": cfg.vocab_size,
                    "hc": cfg.hc, "injection": cfg.injection}
-
-        def stream():
-            for theirs, t in st.stream(set(names)):
-                yield names[theirs], t
-
-        return Source(cfg, header, stream, files, summary)
+        return Source(cfg, hw.header, hw.stream, files, summary)
